@@ -1,0 +1,1 @@
+"""Export trained VGG weights into a Triton model repository (ONNX)."""

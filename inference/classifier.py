@@ -1,0 +1,254 @@
+"""Dense multi-scale classification of one image over one or several models, on any backend.
+
+Per model and scale Q, one uint8 batch ``[x, flip(x)]`` goes to the backend, which returns the
+posterior of each view (soft-max of the spatially averaged score map). Posteriors are averaged
+over flips, then scales, then models. All (model, Q) runs of one request are in flight together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from inference.backends.base import Backend
+from inference.images import ImageError
+from inference.protocol import (
+    DEFAULT_SCALES,
+    average_posteriors,
+    dense_batch,
+    multicrop_batch,
+    rescaled_size,
+    top_k,
+)
+from inference.repository import ModelEntry
+
+MODES = ("dense", "multicrop", "both")
+MAX_SCALE = 1024
+# A rescaled view larger than this is refused: a 20000x20 strip at Q=512 would be 262 MP.
+DEFAULT_MAX_RESCALED_PIXELS = 4_000_000
+
+
+class OptionError(ValueError):
+    """A request parameter that cannot be honoured; ``parameter`` names it (HTTP 422)."""
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(f"{parameter}: {message}")
+        self.parameter = parameter
+
+
+class ExtremeAspectRatio(ImageError):
+    """The image would be too large once its shorter side is rescaled to Q (HTTP 422)."""
+
+    kind = "unprocessable"
+
+
+@dataclass(frozen=True)
+class ClassifyOptions:
+    """What one request asks for; ``None`` means the classifier's default."""
+
+    scales: tuple[int, ...] | None = None
+    flip: bool = True
+    models: tuple[str, ...] | None = None
+    top_k: int = 5
+    heatmap: bool = False
+    mode: str = "dense"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    label: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """Class score map of the fused top-1 class at the largest Q (unflipped orientation)."""
+
+    index: int
+    label: str
+    scale: int
+    scores: np.ndarray  # (h, w), raw class scores averaged over flips and models
+
+
+@dataclass
+class Classification:
+    predictions: list[Prediction]
+    per_model: dict[str, list[Prediction]]
+    probabilities: np.ndarray
+    per_model_probabilities: dict[str, np.ndarray]
+    scales: tuple[int, ...]
+    flip: bool
+    models: tuple[str, ...]
+    mode: str
+    image_size: tuple[int, int]
+    heatmap: Heatmap | None = None
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Classifier:
+    """The protocol over a backend and the models it serves."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        models: Mapping[str, ModelEntry],
+        default_scales: Sequence[int] = DEFAULT_SCALES,
+        max_rescaled_pixels: int = DEFAULT_MAX_RESCALED_PIXELS,
+    ) -> None:
+        if not models:
+            raise ValueError("a classifier needs at least one model")
+        self.backend = backend
+        self.models = dict(models)
+        self.max_rescaled_pixels = max_rescaled_pixels
+        self.default_scales = tuple(default_scales)
+        self.resolve(ClassifyOptions())  # the defaults themselves must be valid
+
+    def resolve(self, options: ClassifyOptions) -> ClassifyOptions:
+        """Fill in defaults and check every parameter; raises :class:`OptionError`."""
+        names = tuple(options.models) if options.models else tuple(self.models)
+        unknown = [n for n in names if n not in self.models]
+        if unknown:
+            raise OptionError(
+                "models", f"unknown model {', '.join(unknown)}; available: {', '.join(self.models)}"
+            )
+        if len(set(names)) != len(names):
+            raise OptionError("models", "a model is listed twice")
+        labels = {self.models[n].labels for n in names}
+        if len(labels) > 1:
+            raise OptionError("models", "these models have different classes and cannot be fused")
+        scales = tuple(options.scales) if options.scales else self.default_scales
+        min_size = max(self.models[n].min_size for n in names)
+        for q in scales:
+            if not min_size <= q <= MAX_SCALE:
+                raise OptionError(
+                    "scales",
+                    f"Q={q} is outside [{min_size}, {MAX_SCALE}] (the smallest input "
+                    f"{', '.join(names)} accept{'s' if len(names) == 1 else ''} is {min_size})",
+                )
+        if len(set(scales)) != len(scales):
+            raise OptionError("scales", "a scale is listed twice")
+        num_classes = self.models[names[0]].num_classes
+        if not 1 <= options.top_k <= num_classes:
+            raise OptionError("top_k", f"must be between 1 and {num_classes}, got {options.top_k}")
+        if options.mode not in MODES:
+            raise OptionError("mode", f"must be one of {', '.join(MODES)}, got {options.mode!r}")
+        return ClassifyOptions(
+            scales=scales,
+            flip=options.flip,
+            models=names,
+            top_k=options.top_k,
+            heatmap=options.heatmap,
+            mode=options.mode,
+        )
+
+    def check_image(self, image_size: tuple[int, int], scales: Sequence[int]) -> None:
+        """Refuse images whose rescaled views would be unreasonably large."""
+        width, height = rescaled_size(*image_size, max(scales))
+        if width * height > self.max_rescaled_pixels:
+            raise ExtremeAspectRatio(
+                f"the image is {image_size[0]}x{image_size[1]}; rescaled to Q={max(scales)} it "
+                f"would be {width}x{height} pixels, over the limit of "
+                f"{self.max_rescaled_pixels:,}. Crop it to a less extreme aspect ratio or use "
+                "smaller scales"
+            )
+
+    async def classify(self, image: Image.Image, options: ClassifyOptions) -> Classification:
+        """Fused top-k for one RGB image."""
+        started = time.perf_counter()
+        opts = self.resolve(options)
+        self.check_image(image.size, opts.scales)
+        names, scales = opts.models, opts.scales
+        largest = max(scales)
+        crops = sorted({self.models[n].min_size for n in names})
+
+        def prepare() -> tuple[dict, dict]:
+            dense = {q: dense_batch(image, q, opts.flip) for q in scales}
+            multi = {}
+            if opts.mode in ("multicrop", "both"):
+                multi = {
+                    (q, c): multicrop_batch(image, q, c, opts.flip) for q in scales for c in crops
+                }
+            if opts.heatmap and largest not in dense:
+                dense[largest] = dense_batch(image, largest, opts.flip)
+            return dense, multi
+
+        dense, multi = await asyncio.to_thread(prepare)
+        prepared = time.perf_counter()
+
+        jobs: list[tuple[str, str, int]] = []  # (model, kind, Q)
+        calls = []
+        for name in names:
+            crop = self.models[name].min_size
+            for q in scales:
+                wants_map = opts.heatmap and q == largest
+                if opts.mode in ("dense", "both") or wants_map:
+                    outputs = ("probs", "scores") if wants_map else ("probs",)
+                    jobs.append((name, "dense", q))
+                    calls.append(self.backend.infer(name, dense[q], outputs))
+                if opts.mode in ("multicrop", "both"):
+                    jobs.append((name, "multicrop", q))
+                    calls.append(self.backend.infer(name, multi[(q, crop)], ("probs",)))
+        results = await asyncio.gather(*calls)
+        inferred = time.perf_counter()
+
+        per_model_probs: dict[str, np.ndarray] = {}
+        maps: list[np.ndarray] = []
+        for name in names:
+            by_kind: dict[str, list[np.ndarray]] = {"dense": [], "multicrop": []}
+            for (job_model, kind, _q), out in zip(jobs, results, strict=True):
+                if job_model != name:
+                    continue
+                if "scores" in out:
+                    maps.append(out["scores"])
+                if kind == "dense" and opts.mode == "multicrop":
+                    continue  # run only for the heatmap
+                by_kind[kind].append(out["probs"].astype(np.float64).mean(axis=0))  # over flips
+            averaged = [average_posteriors(v) for v in by_kind.values() if v]  # over scales
+            per_model_probs[name] = average_posteriors(averaged)  # dense + multi-crop
+        fused = average_posteriors(list(per_model_probs.values()))  # over models
+
+        labels = self.models[names[0]].labels
+
+        def predictions(probs: np.ndarray) -> list[Prediction]:
+            return [Prediction(i, labels[i], p) for i, p in top_k(probs, opts.top_k)]
+
+        heatmap = None
+        if opts.heatmap:
+            best = top_k(fused, 1)[0][0]
+            heatmap = Heatmap(best, labels[best], largest, _class_map(maps, best, opts.flip))
+        finished = time.perf_counter()
+        return Classification(
+            predictions=predictions(fused),
+            per_model={n: predictions(p) for n, p in per_model_probs.items()},
+            probabilities=fused,
+            per_model_probabilities=per_model_probs,
+            scales=scales,
+            flip=opts.flip,
+            models=names,
+            mode=opts.mode,
+            image_size=image.size,
+            heatmap=heatmap,
+            timing_ms={
+                "preprocess": (prepared - started) * 1e3,
+                "inference": (inferred - prepared) * 1e3,
+                "fusion": (finished - inferred) * 1e3,
+            },
+        )
+
+
+def _class_map(maps: list[np.ndarray], index: int, flip: bool) -> np.ndarray:
+    """One class's score map averaged over the flip (mirrored back) and over models."""
+    per_model = []
+    for scores in maps:
+        plane = scores[0, index].astype(np.float64)
+        if flip:
+            plane = (plane + scores[1, index, :, ::-1]) / 2
+        per_model.append(plane)
+    same_shape = [m for m in per_model if m.shape == per_model[0].shape]
+    return np.mean(same_shape, axis=0)

@@ -1,0 +1,102 @@
+"""Decoding uploaded bytes into an RGB image, with limits checked before pixels are decoded."""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+class ImageError(ValueError):
+    """An image the service cannot use; ``kind`` maps to an HTTP status in the front end."""
+
+    kind = "invalid"
+
+
+class NotAnImage(ImageError):
+    kind = "unsupported"  # 415
+
+
+class CorruptImage(ImageError):
+    kind = "corrupt"  # 422
+
+
+class TooManyPixels(ImageError):
+    kind = "too_large"  # 413
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Identify ``data`` and check its pixel count from the header, without decoding pixels."""
+    if not data:
+        raise NotAnImage("the file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise TooManyPixels(f"the image has too many pixels ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise NotAnImage(
+            "the file is not an image Pillow can read (JPEG, PNG, GIF, WebP, TIFF, BMP, ...)"
+        ) from exc
+    except Exception as exc:  # a header so broken Pillow fails while identifying it
+        raise CorruptImage(f"the image header is corrupt: {exc}") from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        raise TooManyPixels(
+            f"the image is {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{max_pixels:,}; downscale it before uploading"
+        )
+    if width < 1 or height < 1:
+        raise CorruptImage(f"the image has no pixels ({width}x{height})")
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Decode ``image`` and convert it to 8-bit RGB the way a classifier expects.
+
+    EXIF orientation is applied; palette, grey, CMYK and alpha images become RGB (alpha is
+    dropped, as torchvision's ``ImageFolder`` loader does); 16-bit and float images are scaled to
+    8 bits rather than clipped; animated images give their first frame.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image.seek(0)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+                image = _high_depth_to_rgb(image)
+            elif image.mode == "P":
+                image = image.convert("RGBA")
+            if image.mode != "RGB":
+                image = image.convert("RGB")
+            image.load()
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
+        raise CorruptImage(f"the image is corrupt or truncated: {exc}") from exc
+    return image
+
+
+def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
+    array = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        scaled = array / 257.0  # 65535 -> 255
+    elif image.mode == "I" and array.size and array.max() > 255:
+        scaled = array / 257.0  # 16-bit PNGs decode as mode "I"
+    elif image.mode == "F":
+        top = float(array.max()) if array.size else 1.0
+        scaled = array * (255.0 / top if top > 1.0 else 255.0)
+    else:
+        scaled = array
+    grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Bytes to an RGB ``PIL.Image``; raises :class:`ImageError` subclasses on bad input."""
+    return to_rgb(open_image(data, max_pixels))

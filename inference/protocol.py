@@ -1,0 +1,82 @@
+"""The paper's test-time protocol as pure functions (Simonyan & Zisserman, section 3.2).
+
+Rescale so the shorter side is Q; run the image and its horizontal flip as one uint8 batch;
+spatially average the class score map and soft-max it (inside the exported graph); average the
+posteriors over flips, then over scales, then over models. Multi-crop evaluation (Table 5) takes a
+5x5 grid of training-size crops with flips per scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+DEFAULT_SCALES: tuple[int, ...] = (256, 384, 512)
+MULTICROP_GRID = 5
+
+
+def rescaled_size(width: int, height: int, q: int) -> tuple[int, int]:
+    """(width, height) with the shorter side Q and the longer ``floor(long * Q / short + 0.5)``."""
+    if width <= height:
+        return q, int(np.floor(height * q / width + 0.5))
+    return int(np.floor(width * q / height + 0.5)), q
+
+
+def rescale_shorter_side(image: Image.Image, q: int) -> Image.Image:
+    """Resize so the shorter side is ``q`` (Pillow bilinear, as the protocol prescribes)."""
+    return image.resize(rescaled_size(*image.size, q), Image.Resampling.BILINEAR)
+
+
+def to_chw(image: Image.Image) -> np.ndarray:
+    """RGB ``PIL.Image`` to a uint8 (3, H, W) array."""
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def with_flip(views: np.ndarray) -> np.ndarray:
+    """(N, 3, H, W) -> (2N, 3, H, W): the views followed by their horizontal flips."""
+    return np.ascontiguousarray(np.concatenate([views, views[..., ::-1]], axis=0))
+
+
+def dense_batch(image: Image.Image, q: int, flip: bool = True) -> np.ndarray:
+    """The uint8 batch for one (model, Q): ``[x, flip(x)]`` (or ``[x]``), shape (1|2, 3, H, W)."""
+    views = to_chw(rescale_shorter_side(image, q))[None]
+    return with_flip(views) if flip else views
+
+
+def crop_offsets(length: int, crop: int, grid: int = MULTICROP_GRID) -> list[int]:
+    """``grid`` evenly spaced crop starts along one side, first and last at the borders."""
+    if length <= crop:
+        return [0] * grid
+    return [int(round(i * (length - crop) / (grid - 1))) for i in range(grid)]
+
+
+def multicrop_batch(
+    image: Image.Image, q: int, crop: int, flip: bool = True, grid: int = MULTICROP_GRID
+) -> np.ndarray:
+    """A ``grid x grid`` set of ``crop``-sized crops of the rescaled image (+ flips): (25|50, 3, c, c)."""
+    array = to_chw(rescale_shorter_side(image, q))
+    _, height, width = array.shape
+    crops = [
+        array[:, top : top + crop, left : left + crop]
+        for top in crop_offsets(height, crop, grid)
+        for left in crop_offsets(width, crop, grid)
+    ]
+    views = np.stack(crops)
+    return with_flip(views) if flip else views
+
+
+def average_posteriors(posteriors: Sequence[np.ndarray]) -> np.ndarray:
+    """Mean of several (C,) or (N, C) posteriors along the first axis of their stack."""
+    return np.mean(np.stack([np.asarray(p, dtype=np.float64) for p in posteriors]), axis=0)
+
+
+def top_k(probabilities: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The ``k`` most probable classes as (index, probability), most probable first.
+
+    Ties keep the lower class index first, so results are stable.
+    """
+    k = min(k, probabilities.shape[-1])
+    order = np.lexsort((np.arange(probabilities.shape[-1]), -probabilities))[:k]
+    return [(int(i), float(probabilities[i])) for i in order]

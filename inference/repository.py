@@ -1,0 +1,114 @@
+"""Reading a Triton model repository written by ``export/to_onnx.py``.
+
+The front end needs each model's labels and pre-processing facts whatever the backend, so they
+are read from ``config.pbtxt`` parameters and ``labels.txt`` (the exporter writes both from one
+source), never from the ONNX file itself.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+
+class RepositoryError(ValueError):
+    """A model repository or model that cannot be served, with what to do about it."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One servable model: where its graph is and what it expects."""
+
+    name: str
+    version: int
+    onnx_path: Path
+    labels: tuple[str, ...]
+    arch: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    min_size: int
+    precision: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+
+def _latest_version(model_dir: Path) -> tuple[int, Path]:
+    versions = sorted(
+        (int(p.name), p / "model.onnx")
+        for p in model_dir.iterdir()
+        if p.is_dir() and p.name.isdigit() and (p / "model.onnx").is_file()
+    )
+    if not versions:
+        raise RepositoryError(
+            f"model {model_dir.name} has no <version>/model.onnx; export it again with "
+            "python export/to_onnx.py"
+        )
+    return versions[-1]
+
+
+def read_model(model_dir: Path) -> ModelEntry:
+    """The latest version of one model folder."""
+    config_path = model_dir / "config.pbtxt"
+    try:
+        config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+    except (OSError, text_format.ParseError) as exc:
+        raise RepositoryError(f"cannot read {config_path}: {exc}") from exc
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    try:
+        labels_path = model_dir / "labels.txt"
+        labels = tuple(line for line in labels_path.read_text().splitlines() if line)
+        mean = tuple(json.loads(params["mean"]))
+        std = tuple(json.loads(params["std"]))
+        min_size = int(params["min_size"])
+    except (OSError, KeyError, ValueError) as exc:
+        raise RepositoryError(
+            f"model {model_dir.name} lacks its labels or pre-processing parameters ({exc}); "
+            "export it with python export/to_onnx.py"
+        ) from exc
+    version, onnx_path = _latest_version(model_dir)
+    return ModelEntry(
+        name=config.name or model_dir.name,
+        version=version,
+        onnx_path=onnx_path,
+        labels=labels,
+        arch=params.get("arch", "unknown"),
+        mean=mean,
+        std=std,
+        min_size=min_size,
+        precision=params.get("precision", "fp32"),
+    )
+
+
+def read_repository(repository: Path, names: list[str] | None = None) -> dict[str, ModelEntry]:
+    """Models of ``repository`` by name (all, or ``names`` in that order)."""
+    repository = Path(repository)
+    if not repository.is_dir():
+        raise RepositoryError(
+            f"model repository {repository} does not exist; export models into it with "
+            "python export/to_onnx.py (or make models)"
+        )
+    available = sorted(
+        p.name
+        for p in repository.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and (p / "config.pbtxt").is_file()
+    )
+    if names:
+        unknown = [n for n in names if n not in available]
+        if unknown:
+            raise RepositoryError(
+                f"no model {', '.join(unknown)} in {repository}; available: "
+                f"{', '.join(available) or 'none'}"
+            )
+        available = list(names)
+    if not available:
+        raise RepositoryError(
+            f"model repository {repository} holds no models; export some with "
+            "python export/to_onnx.py (or make models)"
+        )
+    return {name: read_model(repository / name) for name in available}

@@ -25,3 +25,50 @@ def small_state_dict_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "small16.pth"
     torch.save(model.state_dict(), path)
     return path
+
+
+def peaked_small_model(arch: str, seed: int):
+    """A small VGG whose FC layers are scaled up so posteriors are far from uniform."""
+    torch.manual_seed(seed)
+    model = build(arch, **SMALL)
+    with torch.no_grad():
+        for layer in model.classifier:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.normal_(0, 0.08)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def two_model_repository(tmp_path_factory):
+    """A repository with small VGG-16 ("m16") and VGG-19 ("m19") exports, and their torch models.
+
+    Returns (repository path, {name: training-form torch model}).
+    """
+    from export import to_onnx
+
+    root = tmp_path_factory.mktemp("two-models")
+    repo = root / "repo"
+    models = {}
+    for name, arch, seed in (("m16", "vgg16", 16), ("m19", "vgg19", 19)):
+        model = peaked_small_model(arch, seed)
+        path = root / f"{name}.pth"
+        torch.save(model.state_dict(), path)
+        flags = ["--width", str(SMALL["width"]), "--fc-width", str(SMALL["fc_width"])]
+        code = to_onnx.main(
+            [
+                "--arch",
+                arch,
+                "--weights",
+                str(path),
+                "--name",
+                name,
+                "--repository",
+                str(repo),
+                "--crop",
+                str(SMALL["crop"]),
+                *flags,
+            ]  # fmt: skip
+        )
+        assert code == 0
+        models[name] = model
+    return repo, models

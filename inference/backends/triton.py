@@ -1,0 +1,256 @@
+"""Triton Inference Server over gRPC (``tritonclient.grpc.aio``).
+
+Each ``infer`` is one gRPC call asking only for the outputs the protocol needs; the classifier
+keeps every (model, Q) call of a request in flight together and Triton's dynamic batcher merges
+equal shapes. When Triton is unreachable, not ready or lacks a model, calls raise
+:class:`BackendUnavailable` (HTTP 503) with what to do; the next call after an outage opens a new
+channel, so the same backend object recovers by itself when Triton comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+import tritonclient.utils.shared_memory as shm
+from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
+from tritonclient.utils import InferenceServerException
+
+from inference.backends.base import BackendUnavailable
+from inference.repository import ModelEntry
+
+DEFAULT_TIMEOUT_S = 120.0  # full VGG at Q=512 queued behind others takes seconds on a CPU
+DEFAULT_CHECK_TIMEOUT_S = 2.0
+MIN_SHM_REGION_BYTES = 1 << 20
+# Reconnect quickly after an outage: gRPC's default backoff grows to 120 s, during which every
+# call would fail although Triton is back. A local subchannel pool keeps a new channel from
+# inheriting the old one's backoff.
+CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.use_local_subchannel_pool", 1),
+]
+# gRPC codes that mean "not now" rather than "wrong request".
+_UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.CANCELLED", "StatusCode.UNKNOWN"}
+
+
+class TritonTimeout(BackendUnavailable):
+    """Triton did not answer within the timeout (gRPC DEADLINE_EXCEEDED)."""
+
+
+class TritonError(RuntimeError):
+    """Triton refused or failed a request for a reason retrying will not fix."""
+
+
+@dataclass
+class _Region:
+    """One system shared memory region registered (or to be registered) with Triton."""
+
+    name: str
+    handle: object
+    size: int
+    registered: bool = False
+
+
+class _SharedMemoryPool:
+    """Input regions in /dev/shm, one per call in flight, reused and grown as needed."""
+
+    def __init__(self) -> None:
+        self._prefix = f"vggserve_{secrets.token_hex(4)}"
+        self._free: list[_Region] = []
+        self._all: list[_Region] = []
+
+    async def acquire(self, client: grpcclient.InferenceServerClient, nbytes: int) -> _Region:
+        fitting = [r for r in self._free if r.size >= nbytes]
+        if fitting:
+            region = min(fitting, key=lambda r: r.size)
+            self._free.remove(region)
+        else:
+            size = max(MIN_SHM_REGION_BYTES, 1 << (nbytes - 1).bit_length())
+            name = f"{self._prefix}_{len(self._all)}"
+            handle = shm.create_shared_memory_region(name, f"/{name}", size, create_only=True)
+            region = _Region(name, handle, size)
+            self._all.append(region)
+        if not region.registered:
+            try:
+                await client.unregister_system_shared_memory(region.name)  # stale, if any
+                await client.register_system_shared_memory(region.name, f"/{region.name}",
+                                                            region.size)  # fmt: skip
+            except BaseException:
+                self._free.append(region)
+                raise
+            region.registered = True
+        return region
+
+    def release(self, region: _Region) -> None:
+        self._free.append(region)
+
+    def forget_registrations(self) -> None:
+        """After an outage Triton has forgotten every region: register again on next use."""
+        for region in self._all:
+            region.registered = False
+
+    async def close(self, client: grpcclient.InferenceServerClient | None) -> None:
+        for region in self._all:
+            if client is not None and region.registered:
+                with contextlib.suppress(Exception):
+                    await client.unregister_system_shared_memory(region.name)
+            shm.destroy_shared_memory_region(region.handle)
+        self._all.clear()
+        self._free.clear()
+
+
+class TritonBackend:
+    """Runs the exported graphs on a Triton server (``model_repository/`` served by Triton).
+
+    Args:
+        url: Triton's gRPC ``host:port`` (e.g. ``127.0.0.1:8001``).
+        models: the repository's models by name; Triton must serve the same names.
+        timeout_s: per-call deadline.
+        check_timeout_s: deadline of the readiness checks.
+        shared_memory: send inputs through Triton's system shared memory (Triton on this host).
+    """
+
+    name = "triton"
+
+    def __init__(
+        self,
+        url: str,
+        models: Mapping[str, ModelEntry],
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        check_timeout_s: float = DEFAULT_CHECK_TIMEOUT_S,
+        shared_memory: bool = False,
+    ) -> None:
+        self.url = url
+        self.models = dict(models)
+        self.timeout_s = timeout_s
+        self.check_timeout_s = check_timeout_s
+        self._client: grpcclient.InferenceServerClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._shm = _SharedMemoryPool() if shared_memory else None
+
+    def _channel(self) -> grpcclient.InferenceServerClient:
+        """The current client; a new one after an outage or in another event loop."""
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            # A channel belongs to the loop it was made in; one from a finished loop is dropped.
+            self._client = grpcclient.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
+            self._loop = loop
+            if self._shm:
+                self._shm.forget_registrations()
+        return self._client
+
+    def _drop_channel(self, client: grpcclient.InferenceServerClient) -> None:
+        """Forget a channel that failed, so the next call connects afresh."""
+        if self._client is client:
+            self._client = None
+            if self._shm:
+                self._shm.forget_registrations()
+            task = asyncio.get_running_loop().create_task(client.close())
+            task.add_done_callback(lambda t: t.exception())  # closing a dead channel may fail
+
+    def _unreachable(self, detail: str) -> BackendUnavailable:
+        return BackendUnavailable(
+            f"Triton at {self.url} is unreachable or not ready ({detail}); start it (make "
+            "triton, or the triton container) or point --triton-url at it, then retry"
+        )
+
+    def _translate(self, exc: Exception, model: str, client) -> Exception:
+        """A tritonclient/grpc error as what the caller can act on."""
+        if isinstance(exc, InferenceServerException):
+            status, message = str(exc.status()), exc.message() or str(exc)
+        elif isinstance(exc, grpc.RpcError):
+            status, message = str(exc.code()), exc.details() or str(exc)
+        else:  # e.g. grpc.aio.UsageError on a channel closed under us
+            status, message = "StatusCode.UNAVAILABLE", str(exc)
+        if status == "StatusCode.DEADLINE_EXCEEDED":
+            self._drop_channel(client)
+            return TritonTimeout(
+                f"Triton at {self.url} did not answer {model} within {self.timeout_s:g} s; it "
+                "is overloaded or stuck, retry later"
+            )
+        if status == "StatusCode.NOT_FOUND" or "unknown model" in message.lower():
+            return BackendUnavailable(
+                f"model {model} is not loaded in Triton at {self.url} ({message}); serve the "
+                "same model repository as the front end, then retry"
+            )
+        if status in _UNAVAILABLE or status == "None":
+            self._drop_channel(client)
+            return self._unreachable(message.splitlines()[0] if message else status)
+        return TritonError(f"Triton failed {model}: {message}")
+
+    async def infer(
+        self, model: str, images: np.ndarray, outputs: Sequence[str] = ("probs",)
+    ) -> dict[str, np.ndarray]:
+        """One gRPC call: ``images`` (N, 3, H, W) uint8 in, only ``outputs`` back."""
+        if model not in self.models:
+            raise TritonError(f"unknown model {model!r}; available: {', '.join(self.models)}")
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        client = self._channel()
+        image = grpcclient.InferInput("image", list(images.shape), "UINT8")
+        requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
+        region = None
+        try:
+            if self._shm:
+                region = await self._shm.acquire(client, images.nbytes)
+                shm.set_shared_memory_region(region.handle, [images])
+                image.set_shared_memory(region.name, images.nbytes)
+            else:
+                image.set_data_from_numpy(images)
+            result = await client.infer(
+                model, [image], outputs=requested, client_timeout=self.timeout_s
+            )
+        except (InferenceServerException, grpc.RpcError, grpc.aio.UsageError) as exc:
+            if region is not None and "shared memory" in str(exc).lower():
+                region.registered = False  # Triton restarted meanwhile: register on next use
+            raise self._translate(exc, model, client) from exc
+        finally:
+            if region is not None:
+                self._shm.release(region)
+        return {name: result.as_numpy(name) for name in outputs}
+
+    async def check(self) -> None:
+        """Raise :class:`BackendUnavailable` saying why Triton cannot serve every model now."""
+        client = self._channel()
+        timeout = self.check_timeout_s
+        try:
+            if not await client.is_server_ready(client_timeout=timeout):
+                raise self._unreachable("server not ready")
+            ready = await asyncio.gather(
+                *(client.is_model_ready(name, client_timeout=timeout) for name in self.models)
+            )
+        except (InferenceServerException, grpc.RpcError, grpc.aio.UsageError) as exc:
+            raise self._translate(exc, "the readiness check", client) from exc
+        missing = [name for name, ok in zip(self.models, ready, strict=True) if not ok]
+        if missing:
+            raise BackendUnavailable(
+                f"Triton at {self.url} has not loaded {', '.join(missing)}; serve the same "
+                "model repository as the front end, then retry"
+            )
+
+    async def ready(self) -> bool:
+        """Whether Triton is reachable, ready and serves every model."""
+        try:
+            await self.check()
+        except (BackendUnavailable, TritonError):
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Unregister shared memory and close the channel."""
+        client = self._client if self._loop is asyncio.get_running_loop() else None
+        if self._shm:
+            await self._shm.close(client)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
+        self._client = None

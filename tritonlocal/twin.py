@@ -1,0 +1,94 @@
+"""The Python-backend twin of a production model repository.
+
+The CPU ``tritonserver`` bundled with ``nvidia-pytriton`` has no ONNX Runtime backend, so the
+local server loads a twin: for every model of the production repository, its own
+``config.pbtxt`` with the platform switched to ``backend: "python"`` (inputs, outputs, batching,
+instances and parameters untouched), ``labels.txt`` and ``<version>/model.onnx`` as links to the
+production files, and ``<version>/model.py`` from :mod:`tritonlocal.python_model`. Nothing is
+copied that could drift; large graphs are never duplicated.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from export.repository import config_text, parse_config
+from inference.repository import RepositoryError
+
+MODEL_TEMPLATE = Path(__file__).with_name("python_model.py")
+
+
+def twin_config(production_text: str, instance_count: int | None = None):
+    """The twin's ``ModelConfig`` from the production ``config.pbtxt`` text.
+
+    Only the engine changes: ``platform``/``backend`` become the Python backend (and, if asked,
+    the instance count, e.g. to share 2 cores between two models).
+    """
+    config = parse_config(production_text)
+    config.platform = ""
+    config.backend = "python"
+    if instance_count is not None:
+        for group in config.instance_group:
+            group.count = instance_count
+    return config
+
+
+def _link(target: Path, link: Path) -> None:
+    link.symlink_to(target.resolve())
+
+
+def write_twin(
+    repository: Path, twin: Path, names: list[str] | None = None, instance_count: int | None = None
+) -> list[str]:
+    """(Re)write ``twin`` as the Python-backend twin of ``repository``; returns the model names.
+
+    ``twin`` is replaced entirely, so a model removed from production disappears from the twin.
+    """
+    repository = Path(repository).resolve()
+    twin = Path(twin)
+    if not repository.is_dir():
+        raise RepositoryError(
+            f"model repository {repository} does not exist; export models into it with "
+            "python export/to_onnx.py (or make models)"
+        )
+    models = sorted(
+        p.name
+        for p in repository.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and (p / "config.pbtxt").is_file()
+    )
+    if names:
+        missing = [n for n in names if n not in models]
+        if missing:
+            raise RepositoryError(f"no model {', '.join(missing)} in {repository}")
+        models = list(names)
+    if not models:
+        raise RepositoryError(
+            f"model repository {repository} holds no models; export some with "
+            "python export/to_onnx.py (or make models)"
+        )
+    if twin.exists():
+        shutil.rmtree(twin)
+    twin.mkdir(parents=True)
+    for name in models:
+        source = repository / name
+        target = twin / name
+        target.mkdir()
+        config = twin_config((source / "config.pbtxt").read_text(), instance_count)
+        (target / "config.pbtxt").write_text(config_text(config))
+        for extra in source.iterdir():  # labels.txt and any other file the config refers to
+            if extra.is_file() and extra.name != "config.pbtxt":
+                _link(extra, target / extra.name)
+        versions = [
+            v for v in source.iterdir() if v.name.isdigit() and (v / "model.onnx").is_file()
+        ]
+        if not versions:
+            raise RepositoryError(
+                f"model {name} in {repository} has no <version>/model.onnx; export it again "
+                "with python export/to_onnx.py"
+            )
+        for version in versions:
+            (target / version.name).mkdir()
+            _link(version / "model.onnx", target / version.name / "model.onnx")
+            shutil.copyfile(MODEL_TEMPLATE, target / version.name / "model.py")
+    return models

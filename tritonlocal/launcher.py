@@ -131,13 +131,6 @@ class LocalTriton:
         """Write the twin, start the server and wait until it and every model are ready."""
         if self.running():
             raise RuntimeError(f"Triton is already running (pid {self.process.pid})")
-        busy = [f"{name} {port}" for name, port in self.ports.items() if not port_is_free(port)]
-        if busy:
-            raise TritonStartError(
-                f"port(s) {', '.join(busy)} on {self.host} are in use (another Triton?); stop "
-                "it or choose other ports (TRITON_HTTP_PORT, TRITON_GRPC_PORT, "
-                "TRITON_METRICS_PORT)"
-            )
         install = self._install or prepare()
         self._install = install
         if self.work_dir is None:
@@ -145,6 +138,13 @@ class LocalTriton:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         twin = self.work_dir / "repository"
         write_twin(self.repository, twin, self.models, self.instance_count)
+        busy = [f"{name} {port}" for name, port in self.ports.items() if not port_is_free(port)]
+        if busy:
+            raise TritonStartError(
+                f"port(s) {', '.join(busy)} on {self.host} are in use (another Triton?); stop "
+                "it or choose other ports (TRITON_HTTP_PORT, TRITON_GRPC_PORT, "
+                "TRITON_METRICS_PORT)"
+            )
         self._shm_prefix = f"vggserve_{os.getpid()}_{secrets.token_hex(4)}_"
         if self.log_to_console:
             output = None

@@ -51,6 +51,10 @@ class TritonError(RuntimeError):
     """Triton refused or failed a request for a reason retrying will not fix."""
 
 
+class _RegionLost(TritonError):
+    """Triton does not know a shared memory region we registered (it restarted)."""
+
+
 @dataclass
 class _Region:
     """One system shared memory region registered (or to be registered) with Triton."""
@@ -178,6 +182,8 @@ class TritonBackend:
                 f"Triton at {self.url} did not answer {model} within {self.timeout_s:g} s; it "
                 "is overloaded or stuck, retry later"
             )
+        if "shared memory region" in message.lower():
+            return _RegionLost(f"Triton lost a shared memory region: {message}")
         if status == "StatusCode.NOT_FOUND" or "unknown model" in message.lower():
             return BackendUnavailable(
                 f"model {model} is not loaded in Triton at {self.url} ({message}); serve the "
@@ -195,28 +201,45 @@ class TritonBackend:
         if model not in self.models:
             raise TritonError(f"unknown model {model!r}; available: {', '.join(self.models)}")
         images = np.ascontiguousarray(images, dtype=np.uint8)
-        client = self._channel()
-        image = grpcclient.InferInput("image", list(images.shape), "UINT8")
         requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
-        region = None
-        try:
-            if self._shm:
-                region = await self._shm.acquire(client, images.nbytes)
+        if not self._shm:
+            image = grpcclient.InferInput("image", list(images.shape), "UINT8")
+            image.set_data_from_numpy(images)
+            result = await self._call(model, image, requested)
+            return {name: result.as_numpy(name) for name in outputs}
+        for attempt in range(2):
+            region = await self._register(model, images.nbytes)
+            try:
                 shm.set_shared_memory_region(region.handle, [images])
+                image = grpcclient.InferInput("image", list(images.shape), "UINT8")
                 image.set_shared_memory(region.name, images.nbytes)
-            else:
-                image.set_data_from_numpy(images)
-            result = await client.infer(
+                result = await self._call(model, image, requested)
+                return {name: result.as_numpy(name) for name in outputs}
+            except _RegionLost:
+                # A Triton restarted between two calls has forgotten our regions without the
+                # channel ever failing: register them again, once.
+                if attempt:
+                    raise
+                self._shm.forget_registrations()
+            finally:
+                self._shm.release(region)
+        raise AssertionError("unreachable")
+
+    async def _call(self, model: str, image, requested) -> grpcclient.InferResult:
+        client = self._channel()
+        try:
+            return await client.infer(
                 model, [image], outputs=requested, client_timeout=self.timeout_s
             )
         except (InferenceServerException, grpc.RpcError, grpc.aio.UsageError) as exc:
-            if region is not None and "shared memory" in str(exc).lower():
-                region.registered = False  # Triton restarted meanwhile: register on next use
             raise self._translate(exc, model, client) from exc
-        finally:
-            if region is not None:
-                self._shm.release(region)
-        return {name: result.as_numpy(name) for name in outputs}
+
+    async def _register(self, model: str, nbytes: int) -> _Region:
+        client = self._channel()
+        try:
+            return await self._shm.acquire(client, nbytes)
+        except (InferenceServerException, grpc.RpcError, grpc.aio.UsageError) as exc:
+            raise self._translate(exc, model, client) from exc
 
     async def check(self) -> None:
         """Raise :class:`BackendUnavailable` saying why Triton cannot serve every model now."""

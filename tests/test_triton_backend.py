@@ -1,0 +1,259 @@
+"""TritonBackend against the real tritonserver: parity, batching, outages, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from PIL import Image
+
+from inference import Classifier, ClassifyOptions, read_repository
+from inference.backends.base import BackendUnavailable
+from inference.backends.onnxruntime import OnnxRuntimeBackend
+from inference.backends.triton import TritonBackend, TritonTimeout
+
+from .test_triton_launcher import free_ports, start_triton, triton_server  # noqa: F401
+
+SCALES = (64, 96, 128)
+
+
+@pytest.fixture(scope="module")
+def models(two_model_repository):
+    repository, _ = two_model_repository
+    return read_repository(repository)
+
+
+@pytest.fixture(scope="module")
+def reference(models):
+    backend = OnnxRuntimeBackend(models, threads=1)
+    yield backend
+    asyncio.run(backend.close())
+
+
+def random_image(seed: int, width: int, height: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    # Smooth noise: the classes differ between images, unlike pure per-pixel noise.
+    small = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
+
+
+def assert_same_classification(actual, expected) -> None:
+    assert actual.models == expected.models and actual.scales == expected.scales
+    np.testing.assert_allclose(actual.probabilities, expected.probabilities, rtol=0, atol=1e-6)
+    for name in expected.per_model_probabilities:
+        np.testing.assert_allclose(
+            actual.per_model_probabilities[name],
+            expected.per_model_probabilities[name],
+            rtol=0,
+            atol=1e-6,
+        )
+    assert [p.index for p in actual.predictions] == [p.index for p in expected.predictions]
+    assert [p.label for p in actual.predictions] == [p.label for p in expected.predictions]
+
+
+@pytest.mark.parametrize(
+    "size, options",
+    [
+        ((120, 90), ClassifyOptions(scales=SCALES, heatmap=True)),
+        ((77, 141), ClassifyOptions(scales=(64, 100), mode="both", top_k=10)),
+        ((100, 100), ClassifyOptions(scales=(96,), flip=False, models=("m19",))),
+    ],
+)
+def test_results_equal_the_in_process_backend(triton_server, models, reference, size, options):  # noqa: F811
+    image = random_image(sum(size), *size)
+
+    async def both():
+        triton = TritonBackend(triton_server.grpc_url, models)
+        try:
+            via_triton = await Classifier(triton, models).classify(image, options)
+        finally:
+            await triton.close()
+        in_process = await Classifier(reference, models).classify(image, options)
+        return via_triton, in_process
+
+    via_triton, in_process = asyncio.run(both())
+    assert_same_classification(via_triton, in_process)
+    # The posteriors are spread far wider than the tolerance, so the comparison means something.
+    assert np.ptp(in_process.probabilities) > 1e-2
+    if options.heatmap:
+        np.testing.assert_allclose(
+            via_triton.heatmap.scores, in_process.heatmap.scores, rtol=0, atol=1e-5
+        )
+
+
+def test_only_requested_outputs_come_back(triton_server, models, reference):  # noqa: F811
+    images = np.asarray(random_image(3, 100, 80))[None].transpose(0, 3, 1, 2).copy()
+
+    async def run():
+        backend = TritonBackend(triton_server.grpc_url, models)
+        try:
+            probs = await backend.infer("m16", images, ("probs",))
+            both = await backend.infer("m16", images, ("probs", "scores"))
+        finally:
+            await backend.close()
+        return probs, both
+
+    probs, both = asyncio.run(run())
+    assert set(probs) == {"probs"} and set(both) == {"probs", "scores"}
+    expected = reference.run("m16", images, ("probs", "scores"))
+    np.testing.assert_allclose(probs["probs"], expected["probs"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(both["scores"], expected["scores"], rtol=0, atol=1e-5)
+
+
+def _executions(url: str, model: str) -> tuple[int, int, dict[int, int]]:
+    """(inference requests' images, executions, {batch size: executions}) of ``model``."""
+    (stats,) = grpcclient.InferenceServerClient(url).get_inference_statistics(model).model_stats
+    sizes = {b.batch_size: b.compute_infer.count for b in stats.batch_stats}
+    return stats.inference_count, stats.execution_count, sizes
+
+
+def test_concurrent_equal_shapes_are_batched_and_stay_correct(triton_server, models, reference):  # noqa: F811
+    rng = np.random.default_rng(7)
+    batches = [rng.integers(0, 256, (2, 3, 224, 256), dtype=np.uint8) for _ in range(12)]
+    before = _executions(triton_server.grpc_url, "m19")
+
+    async def run():
+        backend = TritonBackend(triton_server.grpc_url, models)
+        try:
+            return await asyncio.gather(*(backend.infer("m19", b, ("probs",)) for b in batches))
+        finally:
+            await backend.close()
+
+    results = asyncio.run(run())
+    images, executions, sizes = _executions(triton_server.grpc_url, "m19")
+    assert images - before[0] == 24
+    # Twelve requests of two images, far fewer runs: the dynamic batcher merged them.
+    assert executions - before[1] < 12
+    assert max(sizes) > 2
+    for batch, result in zip(batches, results, strict=True):
+        expected = reference.run("m19", batch, ("probs",))["probs"]
+        np.testing.assert_allclose(result["probs"], expected, rtol=0, atol=1e-6)
+
+
+def test_triton_down_raises_backend_unavailable(models):
+    (port,) = free_ports(1)  # nothing listens there
+    backend = TritonBackend(f"127.0.0.1:{port}", models)
+    image = random_image(1, 90, 90)
+
+    async def run():
+        try:
+            assert not await backend.ready()
+            with pytest.raises(BackendUnavailable) as down:
+                await Classifier(backend, models).classify(image, ClassifyOptions(scales=(64,)))
+            with pytest.raises(BackendUnavailable):
+                await backend.check()
+            return str(down.value)
+        finally:
+            await backend.close()
+
+    message = asyncio.run(run())
+    assert f"Triton at 127.0.0.1:{port} is unreachable" in message
+    assert "make triton" in message
+
+
+def test_a_model_triton_does_not_serve_is_unavailable(triton_server, models):  # noqa: F811
+    ghost = {**models, "ghost": dataclasses.replace(models["m16"], name="ghost")}
+    backend = TritonBackend(triton_server.grpc_url, ghost)
+    images = np.zeros((1, 3, 64, 64), np.uint8)
+
+    async def run():
+        try:
+            with pytest.raises(BackendUnavailable, match="ghost is not loaded"):
+                await backend.infer("ghost", images)
+            with pytest.raises(BackendUnavailable, match="has not loaded ghost"):
+                await backend.check()
+            assert not await backend.ready()
+            await backend.infer("m16", images)  # the others still work
+        finally:
+            await backend.close()
+
+    asyncio.run(run())
+
+
+def test_timeout_is_a_clear_unavailable(triton_server, models):  # noqa: F811
+    backend = TritonBackend(triton_server.grpc_url, models, timeout_s=0.001)
+    images = np.zeros((2, 3, 512, 512), np.uint8)
+
+    async def run():
+        try:
+            with pytest.raises(TritonTimeout, match="did not answer m19 within 0.001 s"):
+                await backend.infer("m19", images)
+        finally:
+            await backend.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["grpc", "shm"])
+def test_kill_and_restart_same_backend_recovers(two_model_repository, models, reference,
+                                                shared_memory):  # fmt: skip
+    repository, _ = two_model_repository
+    server = start_triton(repository)
+    backend = TritonBackend(server.grpc_url, models, shared_memory=shared_memory)
+    image = random_image(11, 110, 95)
+    options = ClassifyOptions(scales=(64, 96))
+
+    async def run():
+        classifier = Classifier(backend, models)
+        expected = await Classifier(reference, models).classify(image, options)
+        assert_same_classification(await classifier.classify(image, options), expected)
+        assert await backend.ready()
+
+        server.kill()
+        for _ in range(3):  # every call during the outage fails fast and clearly
+            started = time.monotonic()
+            with pytest.raises(BackendUnavailable, match="unreachable"):
+                await classifier.classify(image, options)
+            assert time.monotonic() - started < 5
+        assert not await backend.ready()
+
+        await asyncio.to_thread(server.start)
+        deadline = time.monotonic() + 10
+        while True:  # gRPC reconnects within about a second
+            try:
+                recovered = await classifier.classify(image, options)
+                break
+            except BackendUnavailable:
+                assert time.monotonic() < deadline, "no recovery 10 s after Triton came back"
+                await asyncio.sleep(0.2)
+        assert_same_classification(recovered, expected)
+        assert await backend.ready()
+
+    try:
+        asyncio.run(run())
+    finally:
+        asyncio.run(backend.close())
+        server.kill()
+        server.close()
+
+
+def test_shared_memory_is_registered_again_after_an_unseen_restart(two_model_repository, models,
+                                                                   reference):  # fmt: skip
+    repository, _ = two_model_repository
+    server = start_triton(repository)
+    backend = TritonBackend(server.grpc_url, models, shared_memory=True)
+    images = np.asarray(random_image(5, 96, 72))[None].transpose(0, 3, 1, 2).copy()
+    expected = reference.run("m16", images)["probs"]
+
+    async def run():
+        np.testing.assert_allclose((await backend.infer("m16", images))["probs"], expected,
+                                   rtol=0, atol=1e-6)  # fmt: skip
+        # Triton restarts between two calls: the channel never saw an error, but the new server
+        # knows none of our regions.
+        server.kill()
+        await asyncio.to_thread(server.start)
+        np.testing.assert_allclose((await backend.infer("m16", images))["probs"], expected,
+                                   rtol=0, atol=1e-6)  # fmt: skip
+        status = await backend._channel().get_system_shared_memory_status()
+        assert len(status.regions) == 1
+
+    try:
+        asyncio.run(run())
+    finally:
+        asyncio.run(backend.close())
+        server.kill()
+        server.close()

@@ -1,0 +1,237 @@
+"""The local Triton launcher: the twin repository, the real tritonserver, starting and stopping.
+
+Also home of the Triton fixtures the other Triton test modules import (``triton_server``,
+``start_triton``, ``free_ports``): one real server per test session, started by
+:class:`tritonlocal.LocalTriton` over the twin of ``two_model_repository``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc as grpcclient
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from export.repository import ModelInfo, config_text, model_config
+from tritonlocal import LocalTriton, TritonStartError, port_is_free, twin_config, write_twin
+from tritonlocal.twin import MODEL_TEMPLATE
+
+from .conftest import ROOT
+
+PORTS = range(19000, 20000)  # this suite's share of the machine's ports
+_handed_out: set[int] = set()
+_servers: dict[str, LocalTriton] = {}
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` ports of 19000-19999 free now and not yet handed out in this session."""
+    ports: list[int] = []
+    start = random.randrange(len(PORTS))
+    for offset in range(len(PORTS)):
+        port = PORTS[(start + offset) % len(PORTS)]
+        if port not in _handed_out and port_is_free(port):
+            _handed_out.add(port)
+            ports.append(port)
+            if len(ports) == count:
+                return ports
+    raise RuntimeError("no free ports left in 19000-19999")
+
+
+def start_triton(repository: Path, **kwargs) -> LocalTriton:
+    """A new real tritonserver on free ports, ready."""
+    http, grpc, metrics = free_ports(3)
+    return LocalTriton(repository, http, grpc, metrics, **kwargs).start()
+
+
+@pytest.fixture(scope="session")
+def triton_server(two_model_repository):
+    """One tritonserver for the whole session, serving the twin of the two small models.
+
+    Test modules that import this fixture get their own fixture definition; the server itself
+    is shared through ``_servers``. Tests that kill Triton start their own with start_triton.
+    """
+    repository, _ = two_model_repository
+    key = str(repository)
+    if key not in _servers or not _servers[key].running():
+        _servers[key] = start_triton(repository)
+    yield _servers[key]
+    server = _servers.pop(key, None)
+    if server is not None:
+        server.close()
+
+
+# --- the twin: one source of truth --------------------------------------------------------------
+
+
+def parse(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_twin_differs_from_production_only_in_engine(two_model_repository, tmp_path):
+    repository, _ = two_model_repository
+    names = write_twin(repository, tmp_path / "twin")
+    assert names == ["m16", "m19"]
+    for name in names:
+        production = parse(repository / name / "config.pbtxt")
+        twin = parse(tmp_path / "twin" / name / "config.pbtxt")
+        assert production.platform == "onnxruntime_onnx"
+        assert (twin.platform, twin.backend) == ("", "python")
+        twin.platform, twin.backend = production.platform, production.backend
+        assert twin == production  # inputs, outputs, batching, instances, parameters
+        # The graph and labels are the production files themselves, not copies.
+        onnx = tmp_path / "twin" / name / "1" / "model.onnx"
+        assert onnx.is_symlink()
+        assert onnx.resolve() == (repository / name / "1" / "model.onnx").resolve()
+        labels = tmp_path / "twin" / name / "labels.txt"
+        assert labels.resolve() == (repository / name / "labels.txt").resolve()
+        model_py = tmp_path / "twin" / name / "1" / "model.py"
+        assert model_py.read_text() == MODEL_TEMPLATE.read_text()
+
+
+def test_twin_equals_the_python_config_of_the_same_model():
+    """model_config(info, "onnxruntime") -> twin == model_config(info, "python") up to ORT options."""
+    info = ModelInfo("vgg16", 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224, "vgg16")
+    twin = twin_config(config_text(model_config(info, backend="onnxruntime")))
+    python = model_config(info, backend="python")
+    ort_only = set(twin.parameters) - set(python.parameters)
+    assert ort_only == {"cudnn_conv_algo_search", "arena_extend_strategy"}
+    for key in ort_only:
+        del twin.parameters[key]
+    assert twin == python
+
+
+def test_twin_instance_count_override(two_model_repository, tmp_path):
+    repository, _ = two_model_repository
+    write_twin(repository, tmp_path / "twin", ["m19"], instance_count=2)
+    assert sorted(p.name for p in (tmp_path / "twin").iterdir()) == ["m19"]
+    assert parse(tmp_path / "twin" / "m19" / "config.pbtxt").instance_group[0].count == 2
+
+
+# --- the real server ----------------------------------------------------------------------------
+
+
+def test_server_is_ready_and_serves_the_twin_of_each_model(triton_server, two_model_repository):
+    repository, _ = two_model_repository
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    assert client.is_server_ready()
+    for name in ("m16", "m19"):
+        assert client.is_model_ready(name)
+        served = client.get_model_config(name).config
+        assert served.backend == "python"
+        production = parse(repository / name / "config.pbtxt")
+        assert list(served.input) == list(production.input)
+        assert [o.name for o in served.output] == ["probs", "scores"]
+        assert served.max_batch_size == production.max_batch_size
+    url = f"http://{triton_server.http_url}/v2/health/ready"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.status == 200
+
+
+def test_port_in_use_is_reported_before_starting(two_model_repository):
+    repository, _ = two_model_repository
+    http, grpc, metrics = free_ports(3)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", grpc))
+        squatter.listen()
+        server = LocalTriton(repository, http, grpc, metrics)
+        with pytest.raises(TritonStartError, match=f"grpc {grpc} .* in use"):
+            server.start()
+        assert not server.running()
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_stop_and_kill_leave_no_process_shared_memory_or_port(two_model_repository):
+    repository, _ = two_model_repository
+    server = start_triton(repository)
+    try:
+        stubs = _children(server.process.pid)
+        assert len(stubs) == 2  # one Python stub per model instance
+        prefix = server._shm_prefix
+        assert list(Path("/dev/shm").glob(f"{prefix}*"))
+        pid = server.process.pid
+        assert server.stop() == 0  # SIGTERM: a clean exit
+        assert not _alive(pid) and not any(_alive(p) for p in stubs)
+        assert not list(Path("/dev/shm").glob(f"{prefix}*"))
+        assert all(port_is_free(p) for p in server.ports.values())
+
+        server.start()  # the same ports again, then a crash
+        stubs, prefix = _children(server.process.pid), server._shm_prefix
+        server.kill()
+        assert not any(_alive(p) for p in stubs)
+        assert not list(Path("/dev/shm").glob(f"{prefix}*"))
+    finally:
+        server.close()
+    assert server.work_dir is None  # the temporary twin is gone
+
+
+def test_command_line_serves_in_the_foreground_and_stops_on_ctrl_c(two_model_repository):
+    repository, _ = two_model_repository
+    http, grpc, metrics = free_ports(3)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tritonlocal", "--repository", str(repository), "--http-port",
+         str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        lines = []
+        for line in process.stderr:
+            lines.append(line)
+            if line.startswith("tritonlocal: ready"):
+                break
+        assert f"gRPC 127.0.0.1:{grpc}" in lines[-1], "".join(lines[-20:])
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}")
+        assert client.is_model_ready("m16") and client.is_model_ready("m19")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+        assert "stopping Triton" in process.stderr.read()
+        deadline = time.monotonic() + 5
+        while not all(port_is_free(p) for p in (http, grpc, metrics)):
+            assert time.monotonic() < deadline, "a port is still held after the launcher exited"
+            time.sleep(0.1)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_command_line_explains_a_missing_repository(tmp_path):
+    http, grpc, metrics = free_ports(3)
+    result = subprocess.run(
+        [sys.executable, "-m", "tritonlocal", "--repository", str(tmp_path / "nope"),
+         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "does not exist" in result.stderr and "export/to_onnx.py" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,136 @@
+"""``python -m server``: the HTTP front end under uvicorn.
+
+python -m server                                  # every model in model_repository/
+python -m server --models vgg16 --scales 256,384 --port 9000
+python -m server --backend triton --triton-url 127.0.0.1:8001
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from inference import DEFAULT_SCALES, OptionError, RepositoryError
+from server.engine import StartupError
+from server.settings import BACKENDS, Settings, parse_int_list, parse_name_list
+
+
+def _list_of(parse, what: str):
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = what  # argparse names the type in its error message
+    return convert
+
+
+def _positive(kind):
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Settings, str]:
+    """Command-line flags to :class:`~server.settings.Settings` and the log level."""
+    defaults = Settings()
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="HTTP front end: dense multi-scale VGG classification (FastAPI + uvicorn).",
+    )
+    parser.add_argument("--repository", type=Path, default=defaults.repository,
+                        help="Triton model repository written by python export/to_onnx.py "
+                        "(default: %(default)s)")  # fmt: skip
+    parser.add_argument("--models", type=_list_of(parse_name_list, "model list"), default=None,
+                        help="comma-separated models to serve and fuse (default: every model in "
+                        "the repository)")  # fmt: skip
+    parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend,
+                        help="onnxruntime: in this process (default); triton: a Triton server "
+                        "over gRPC")  # fmt: skip
+    parser.add_argument("--triton-url", default=defaults.triton_url,
+                        help="Triton gRPC address, with --backend triton (default: %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--host", default=defaults.host, help="address to bind (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=defaults.port, help="TCP port (default: %(default)s)"
+    )
+    parser.add_argument("--scales", type=_list_of(parse_int_list, "scale list"),
+                        default=",".join(map(str, DEFAULT_SCALES)),
+                        help="scales Q (shorter side) of a request that gives none, "
+                        "comma-separated (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--max-upload-mb", type=_positive(float), default=defaults.max_upload_mb,
+                        help="largest request body in MB, refused with 413 while it streams in "
+                        "(default: %(default)s)")  # fmt: skip
+    parser.add_argument("--max-pixels", type=_positive(int), default=defaults.max_pixels,
+                        help="largest image in pixels (width x height), checked from the header "
+                        "before decoding, else 413 (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--max-concurrency", type=_positive(int),
+                        default=defaults.max_concurrency,
+                        help="requests being decoded and classified at once (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                        help="requests waiting for a slot; beyond them: 429 with Retry-After "
+                        "(default: %(default)s)")  # fmt: skip
+    parser.add_argument("--threads", type=_positive(int), default=None,
+                        help="ONNX Runtime threads per inference (default: every core)")  # fmt: skip
+    parser.add_argument("--log-level", default="info",
+                        choices=("critical", "error", "warning", "info", "debug"),
+                        help="uvicorn and server log level (default: %(default)s)")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.max_queue < 0:
+        parser.error("--max-queue must be 0 or more")
+    if not 0 < args.port < 65536:
+        parser.error(f"--port must be between 1 and 65535, got {args.port}")
+    return Settings(
+        repository=args.repository,
+        models=args.models,
+        backend=args.backend,
+        triton_url=args.triton_url,
+        host=args.host,
+        port=args.port,
+        scales=tuple(args.scales),
+        max_upload_mb=args.max_upload_mb,
+        max_pixels=args.max_pixels,
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+        threads=args.threads,
+    ), args.log_level
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start the server; a start that cannot work exits non-zero with one line on stderr."""
+    settings, log_level = parse_args(argv)
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")
+    try:
+        from server.main import create_app
+
+        app = create_app(settings)
+    except RepositoryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OptionError as exc:
+        print(f"error: --{exc}", file=sys.stderr)
+        return 2
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The FastAPI application: :func:`create_app` wires settings, state, middleware and routers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from inference import Classifier, read_repository
+from server.admission import Admission
+from server.dependencies import ServerState
+from server.engine import EngineHandle, engine_opener
+from server.errors import UnexpectedErrorMiddleware, install_error_handlers
+from server.metrics import Metrics, RequestMetricsMiddleware
+from server.routers import classify, health, models, page
+from server.routers.page import STATIC_DIR
+from server.settings import Settings
+from server.upload_limit import UploadLimitMiddleware
+
+DESCRIPTION = """
+Dense multi-scale image classification with VGG networks (Simonyan & Zisserman, ICLR 2015,
+section 3.2): each image is rescaled so its shorter side is Q for every requested scale, run with
+its horizontal flip through a fully convolutional graph, and the soft-max posteriors are averaged
+over flips, scales and models.
+
+Upload an image to `POST /v1/classify` as the multipart field `file`; errors are JSON
+`{"detail": "..."}` saying what was wrong and what to do.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app for ``settings``.
+
+    The repository is read and the default scales are checked here, so a bad start fails at
+    once (``RepositoryError``, ``OptionError``, :class:`~server.engine.StartupError`); the
+    backend itself is opened when the app starts serving.
+    """
+    settings = settings or Settings()
+    served = read_repository(settings.repository, list(settings.models or ()) or None)
+    engine = EngineHandle(settings.backend, engine_opener(settings, served))
+    state = ServerState(
+        settings=settings,
+        models=served,
+        metrics=Metrics(),
+        admission=Admission(settings.max_concurrency, settings.max_queue),
+        engine=engine,
+        classifier=Classifier(engine, served, default_scales=settings.scales),
+    )
+    state.metrics.in_flight.set_function(lambda: state.admission.in_flight)
+    state.metrics.waiting.set_function(lambda: state.admission.waiting)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        state.decode_pool = ThreadPoolExecutor(
+            max_workers=settings.max_concurrency, thread_name_prefix="decode"
+        )
+        await engine.open()
+        try:
+            yield
+        finally:
+            await engine.close()
+            state.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="vggserve",
+        summary="Dense multi-scale VGG classification over HTTP",
+        description=DESCRIPTION,
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.server = state
+    install_error_handlers(app)
+    # Added innermost first: metrics see every response, the 500 guard sees every exception,
+    # and the upload limit runs before any body is read.
+    app.add_middleware(UploadLimitMiddleware, limit_bytes=settings.max_upload_bytes)
+    app.add_middleware(UnexpectedErrorMiddleware)
+    app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)
+    app.include_router(classify.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    app.include_router(page.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

@@ -1,0 +1,1 @@
+"""The API's endpoint groups, one ``APIRouter`` each."""

@@ -1,0 +1,20 @@
+"""``GET /v1/models``: what is served, and what each model expects."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from server.dependencies import State
+from server.schemas import ModelsResponse, served_model
+
+router = APIRouter(prefix="/v1", tags=["models"])
+
+
+@router.get("/models", response_model=ModelsResponse, summary="List the served models")
+async def list_models(state: State) -> ModelsResponse:
+    """Each model's architecture, class count, minimum Q, pre-processing and version."""
+    backend = state.settings.backend
+    return ModelsResponse(
+        models=[served_model(entry, backend) for entry in state.models.values()],
+        default_scales=list(state.settings.scales),
+    )

@@ -1,0 +1,71 @@
+"""What the server is started with: one immutable record, filled from the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from inference import DEFAULT_SCALES
+
+BACKENDS = ("onnxruntime", "triton")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every start-up option of the front end (see ``python -m server --help``)."""
+
+    repository: Path = Path("model_repository")
+    models: tuple[str, ...] | None = None  # None: every model in the repository
+    backend: str = "onnxruntime"
+    triton_url: str = "127.0.0.1:8001"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    scales: tuple[int, ...] = DEFAULT_SCALES
+    max_upload_mb: float = 20.0
+    max_pixels: int = 50_000_000
+    max_concurrency: int = 4
+    max_queue: int = 32
+    threads: int | None = None  # ONNX Runtime intra-op threads; None: every core
+    max_batch_files: int = 32
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.max_upload_mb <= 0:
+            raise ValueError("max_upload_mb must be positive")
+        if self.max_pixels < 1:
+            raise ValueError("max_pixels must be positive")
+        if self.max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        if self.max_queue < 0:
+            raise ValueError("max_queue must be 0 or more")
+        if self.max_batch_files < 1:
+            raise ValueError("max_batch_files must be at least 1")
+        if not self.scales:
+            raise ValueError("scales must not be empty")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """The request body limit in bytes (1 MB = 2**20 bytes)."""
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+def parse_int_list(text: str) -> tuple[int, ...]:
+    """``"256,384,512"`` -> ``(256, 384, 512)``; raises ``ValueError`` saying what is malformed."""
+    items = [item.strip() for item in text.split(",")]
+    if not text.strip() or any(not item for item in items):
+        raise ValueError(f"{text!r} is not a comma-separated list of integers (e.g. 256,384,512)")
+    try:
+        return tuple(int(item) for item in items)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a comma-separated list of integers (e.g. 256,384,512)"
+        ) from None
+
+
+def parse_name_list(text: str) -> tuple[str, ...]:
+    """``"vgg16,vgg19"`` -> ``("vgg16", "vgg19")``; raises ``ValueError`` on empty items."""
+    items = [item.strip() for item in text.split(",")]
+    if not text.strip() or any(not item for item in items):
+        raise ValueError(f"{text!r} is not a comma-separated list of names (e.g. vgg16,vgg19)")
+    return tuple(items)

@@ -1,0 +1,284 @@
+"""The HTTP front end over real HTTP: ``python -m server`` on a real port, two small models.
+
+Numbers are checked against the independent PyTorch reference (``tests/reference.py``).
+"""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from .images import decoded, encode, jpeg, smooth_image
+from .reference import protocol_probs
+from .server_process import ServerProcess, run_server_cli
+
+TOLERANCE = 1e-5
+PREDICTION_KEYS = {"index", "label", "probability"}
+RESPONSE_KEYS = {"predictions", "per_model", "scales", "flip", "models", "mode", "image",
+                 "timing_ms"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(two_model_repository, tmp_path_factory):
+    repo, _ = two_model_repository
+    with ServerProcess("--repository", str(repo), log_dir=tmp_path_factory.mktemp("log")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def torch_models(two_model_repository):
+    _, models = two_model_repository
+    return models
+
+
+def classify(client: httpx.Client, data: bytes, name: str = "image.jpg", **params):
+    return client.post("/v1/classify", params=params, files={"file": (name, data, "image/jpeg")})
+
+
+def check_predictions(items: list[dict], probabilities: np.ndarray, k: int) -> None:
+    """Sorted by probability, top k of ``probabilities`` (the reference) within 1e-5."""
+    assert len(items) == k
+    assert all(set(item) == PREDICTION_KEYS for item in items)
+    got = [item["probability"] for item in items]
+    assert got == sorted(got, reverse=True)
+    expected = np.argsort(-probabilities, kind="stable")[:k]
+    assert [item["index"] for item in items] == expected.tolist()
+    np.testing.assert_allclose(got, probabilities[expected], rtol=0, atol=TOLERANCE)
+    assert [item["label"] for item in items] == [f"class_{i}" for i in expected]
+
+
+def test_default_request_matches_reference_and_schema(client, torch_models):
+    data = jpeg(300, 300, seed=1)  # square: the cheapest reference at Q = 256, 384, 512
+    response = classify(client, data)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == RESPONSE_KEYS  # no heatmap unless asked
+    assert body["scales"] == [256, 384, 512] and body["flip"] is True
+    assert body["models"] == ["m16", "m19"] and body["mode"] == "dense"
+    assert body["image"] == {"width": 300, "height": 300}
+    assert set(body["timing_ms"]) == {"decode", "preprocess", "inference", "total"}
+    assert all(v >= 0 for v in body["timing_ms"].values())
+    assert body["timing_ms"]["total"] >= body["timing_ms"]["inference"]
+
+    image = decoded(data)
+    per_model = {name: protocol_probs([torch_models[name]], image) for name in ("m16", "m19")}
+    assert set(body["per_model"]) == {"m16", "m19"}
+    for name, reference in per_model.items():
+        check_predictions(body["per_model"][name], reference, k=5)
+    # Fusion is the mean over models (protocol_probs of both models computes the same mean).
+    check_predictions(body["predictions"], np.mean(list(per_model.values()), axis=0), k=5)
+
+
+def test_query_parameters_are_honoured(client, torch_models):
+    data = jpeg(240, 330, seed=2)
+    response = classify(client, data, scales="64,100", flip="false", models="m19", top_k=3)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["scales"], body["flip"], body["models"]) == ([64, 100], False, ["m19"])
+    assert list(body["per_model"]) == ["m19"]
+    reference = protocol_probs([torch_models["m19"]], decoded(data), scales=(64, 100), flip=False)
+    check_predictions(body["predictions"], reference, k=3)
+
+
+def test_heatmap_is_the_top1_score_map_at_the_largest_scale(client):
+    response = classify(client, jpeg(320, 240, seed=3), scales="96,160", heatmap="true")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    heatmap = body["heatmap"]
+    assert set(heatmap) == {"index", "label", "scale", "width", "height", "scores"}
+    assert heatmap["index"] == body["predictions"][0]["index"]
+    assert heatmap["label"] == body["predictions"][0]["label"]
+    assert heatmap["scale"] == 160
+    # crop 64 -> FC6 kernel 2: a map of (size / 32 - 1) cells a side; 160x213 -> 4 x 5.
+    assert (heatmap["height"], heatmap["width"]) == (4, 5)
+    scores = np.asarray(heatmap["scores"])
+    assert scores.shape == (4, 5) and np.isfinite(scores).all() and scores.std() > 0
+
+
+def test_multicrop_mode_is_accepted(client):
+    response = classify(client, jpeg(200, 150, seed=4), scales="64", mode="both", top_k=2)
+    assert response.status_code == 200, response.text
+    assert response.json()["mode"] == "both"
+
+
+def test_32_concurrent_requests_are_all_correct(client, torch_models):
+    """Four different images, eight requests each, all in flight together."""
+    images = [jpeg(160 + 16 * i, 128, seed=10 + i) for i in range(4)]
+    models = [torch_models["m16"], torch_models["m19"]]
+    expected = [protocol_probs(models, decoded(d), scales=(64, 96)) for d in images]
+
+    def one(i: int):
+        return i % 4, classify(client, images[i % 4], scales="64,96", top_k=10)
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        results = list(pool.map(one, range(32)))
+    for which, response in results:
+        assert response.status_code == 200, response.text
+        check_predictions(response.json()["predictions"], expected[which], k=10)
+
+
+def test_batch_keeps_order_and_isolates_a_bad_file(client, torch_models):
+    good = [jpeg(200, 160, seed=20), jpeg(150, 220, seed=21)]
+    files = [
+        ("files", ("first.jpg", good[0], "image/jpeg")),
+        ("files", ("notes.txt", b"these are not pixels\n", "text/plain")),
+        ("files", ("second.jpg", good[1], "image/jpeg")),
+        ("files", ("half.jpg", good[1][: len(good[1]) // 2], "image/jpeg")),
+    ]
+    response = client.post("/v1/classify/batch", params={"scales": "64", "top_k": 3}, files=files)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["filename"] for r in results] == ["first.jpg", "notes.txt", "second.jpg", "half.jpg"]
+    models = [torch_models["m16"], torch_models["m19"]]
+    for result, data in ((results[0], good[0]), (results[2], good[1])):
+        assert "error" not in result
+        assert set(result) == RESPONSE_KEYS | {"filename"}
+        check_predictions(result["predictions"], protocol_probs(models, decoded(data), (64,)), 3)
+    assert results[1]["error"]["status"] == 415
+    assert "not an image" in results[1]["error"]["message"]
+    assert results[3]["error"]["status"] == 422
+    assert "truncated" in results[3]["error"]["message"]
+    assert set(results[1]) == {"filename", "error"}
+
+
+def test_batch_file_count_is_bounded(client):
+    data = encode(smooth_image(8, 8, 0), "PNG")
+    files = [("files", (f"{i}.png", data, "image/png")) for i in range(33)]
+    response = client.post("/v1/classify/batch", files=files)
+    assert response.status_code == 413
+    assert "33 files" in response.json()["detail"] and "32" in response.json()["detail"]
+
+
+def test_models_endpoint(client):
+    response = client.get("/v1/models")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["default_scales"] == [256, 384, 512]
+    assert [m["name"] for m in body["models"]] == ["m16", "m19"]
+    m16 = body["models"][0]
+    assert m16 == {
+        "name": "m16",
+        "arch": "vgg16",
+        "classes": 10,
+        "min_size": 64,
+        "preprocessing": {
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+            "input": "uint8 RGB NCHW",
+        },
+        "backend": "onnxruntime",
+        "version": 1,
+        "precision": "fp32",
+    }
+    assert body["models"][1]["arch"] == "vgg19"
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.json() == {"ready": True, "backend": "onnxruntime"}
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format, labels in any order (0 when absent)."""
+    for line in text.splitlines():
+        match = re.fullmatch(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)", line)
+        if match is None or match.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+        if found == labels:
+            return float(match.group(3))
+    return 0.0
+
+
+def test_metrics_count_requests_stages_and_load(client):
+    before = client.get("/metrics").text
+    assert classify(client, jpeg(100, 100, seed=5), scales="64").status_code == 200
+    assert classify(client, b"plain text", name="x.txt").status_code == 415
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    after = response.text
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    requests = "vggserve_http_requests_total"
+    assert delta(requests, endpoint="/v1/classify", method="POST", status="200") == 1
+    assert delta(requests, endpoint="/v1/classify", method="POST", status="415") == 1
+    for stage in ("decode", "preprocess", "inference", "total"):
+        assert delta("vggserve_stage_duration_seconds_count", stage=stage) == 1
+        assert metric(after, "vggserve_stage_duration_seconds_bucket", stage=stage, le="+Inf") >= 1
+    assert metric(after, "vggserve_http_request_duration_seconds_count",
+                  endpoint="/v1/classify") >= 2  # fmt: skip
+    assert "vggserve_in_flight_requests 0.0" in after
+    assert "vggserve_waiting_requests 0.0" in after
+    assert "vggserve_rejected_requests_total 0.0" in after
+
+
+def test_openapi_documents_the_api(client):
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/classify", "/v1/classify/batch", "/v1/models", "/healthz", "/readyz"} <= set(
+        spec["paths"]
+    )
+    classify_op = spec["paths"]["/v1/classify"]["post"]
+    assert {p["name"] for p in classify_op["parameters"]} == {
+        "top_k", "scales", "flip", "models", "heatmap", "mode"}  # fmt: skip
+    assert {"200", "413", "415", "422", "429", "503"} <= set(classify_op["responses"])
+
+
+def test_web_page_is_served_self_contained(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for needle in ('id="file-input"', 'id="predictions"', 'id="heatmap"', 'id="error"'):
+        assert needle in page.text
+    assert "http://" not in page.text.replace("http://127.0.0.1", "")  # no CDN
+    for asset in ("/static/app.js", "/static/style.css"):
+        response = client.get(asset)
+        assert response.status_code == 200 and "https://" not in response.text
+
+
+def test_help_documents_every_flag():
+    result = run_server_cli("--help")
+    assert result.returncode == 0
+    for flag in ("--repository", "--models", "--backend", "--triton-url", "--host", "--port",
+                 "--scales", "--max-upload-mb", "--max-pixels", "--max-concurrency",
+                 "--max-queue", "--threads"):  # fmt: skip
+        assert flag in result.stdout
+    assert "127.0.0.1:8001" in result.stdout and "8080" in result.stdout
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty"])
+def test_missing_or_empty_repository_exits_with_one_line(tmp_path, kind):
+    repo = tmp_path / "repo"
+    if kind == "empty":
+        repo.mkdir()
+    result = run_server_cli("--repository", str(repo), "--port", "18999")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "python export/to_onnx.py" in lines[0] and "make models" in lines[0]
+    assert str(repo) in lines[0]
+
+
+def test_bad_default_scales_exit_with_one_line(two_model_repository):
+    repo, _ = two_model_repository
+    result = run_server_cli("--repository", str(repo), "--scales", "32", "--port", "18999")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "error: --scales: Q=32 is outside [64, 1024] (the smallest input m16, m19 accept is 64)"
+    )

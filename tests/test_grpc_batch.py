@@ -1,0 +1,280 @@
+"""clients/grpc_batch.py end to end against the real tritonserver: results, errors, kills, resume."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clients.grpc_batch import UsageError, in_shard, read_done
+from inference import Classifier, ClassifyOptions, decode_image, read_repository
+from inference.backends.onnxruntime import OnnxRuntimeBackend
+
+from .conftest import ROOT
+from .test_triton_launcher import free_ports, start_triton, triton_server  # noqa: F401
+
+SCALES = "64,96,128"
+IMAGES = 40  # the CI size; the issue's 200-image check is the same code (see the report)
+UNREADABLE = {"empty.png": "the file is empty", "truncated.jpg": "truncated",
+              "text.png": "not an image"}  # fmt: skip
+KEYS = {"path", "predictions", "per_model", "scales", "models"}
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """40 generated images of assorted sizes, modes and formats, 3 unreadable ones, a text file."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(2014)
+    for i in range(IMAGES):
+        width, height = (int(v) for v in rng.integers(64, 200, 2))
+        coarse = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+        if i % 7 == 3:
+            image = image.convert("L")
+        elif i % 7 == 5:
+            image = image.convert("RGBA")
+        sub = folder / ("a" if i % 2 else "b")
+        sub.mkdir(exist_ok=True)
+        suffix = (".jpg", ".png", ".webp")[i % 3] if image.mode != "RGBA" else ".png"
+        image.save(sub / f"img{i:03d}{suffix}")
+    (folder / "empty.png").write_bytes(b"")
+    jpeg = (folder / "b" / "img000.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    (folder / "text.png").write_text("this is not a picture")
+    (folder / "notes.txt").write_text("not an image suffix: not an input")
+    return folder
+
+
+def run_client(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "clients" / "grpc_batch.py"), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def start_client(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "clients" / "grpc_batch.py"), *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def load(path: Path) -> dict[str, dict]:
+    """Records by path; fails on a duplicate or a torn line."""
+    records: dict[str, dict] = {}
+    if not path.exists():
+        return records
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        assert record["path"] not in records, f"{record['path']} written twice"
+        records[record["path"]] = record
+    return records
+
+
+def count_lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def assert_same_results(actual: dict[str, dict], expected: dict[str, dict]) -> None:
+    assert sorted(actual) == sorted(expected)
+    for path, record in expected.items():
+        got = actual[path]
+        assert set(got) == KEYS
+        assert (got["scales"], got["models"]) == (record["scales"], record["models"])
+        pairs = [(got["predictions"], record["predictions"])]
+        pairs += [(got["per_model"][m], record["per_model"][m]) for m in record["models"]]
+        for mine, theirs in pairs:
+            assert [p["index"] for p in mine] == [p["index"] for p in theirs], path
+            assert [p["label"] for p in mine] == [p["label"] for p in theirs], path
+            np.testing.assert_allclose([p["probability"] for p in mine],
+                                       [p["probability"] for p in theirs], rtol=0, atol=1e-6)  # fmt: skip
+
+
+def job_args(folder: Path, url: str, repository: Path, out: Path, *extra: str) -> list[str]:
+    return [str(folder), "--url", url, "--repository", str(repository), "--models", "m16,m19",
+            "--scales", SCALES, "--out", str(out), *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(triton_server, two_model_repository, image_folder, tmp_path_factory):  # noqa: F811
+    """One plain run over the folder: (results, errors, stderr)."""
+    repository, _ = two_model_repository
+    out = tmp_path_factory.mktemp("full") / "results.jsonl"
+    result = run_client(*job_args(image_folder, triton_server.grpc_url, repository, out))
+    assert result.returncode == 0, result.stderr
+    return load(out), load(out.with_name("results.errors.jsonl")), result.stderr
+
+
+def test_every_image_once_with_the_in_process_results(uninterrupted, image_folder,
+                                                      two_model_repository):  # fmt: skip
+    results, errors, stderr = uninterrupted
+    images = sorted(str(p) for p in image_folder.rglob("*") if p.suffix != ".txt" and p.is_file())
+    assert len(images) == IMAGES + len(UNREADABLE)
+    assert sorted([*results, *errors]) == images  # each exactly once (load() checks duplicates)
+    assert sorted(Path(p).name for p in errors) == sorted(UNREADABLE)
+    for path, record in errors.items():
+        assert set(record) == {"path", "error"}
+        assert UNREADABLE[Path(path).name] in record["error"]
+    assert f"classified {IMAGES}, errors {len(UNREADABLE)}" in stderr
+
+    # The same images through the in-process backend: the HTTP API's numbers.
+    repository, _ = two_model_repository
+    models = read_repository(repository)
+    backend = OnnxRuntimeBackend(models, threads=1)
+    classifier = Classifier(backend, models)
+    options = ClassifyOptions(scales=tuple(int(q) for q in SCALES.split(",")))
+
+    async def reference() -> dict[str, dict]:
+        expected = {}
+        for path in results:
+            result = await classifier.classify(decode_image(Path(path).read_bytes()), options)
+            expected[path] = {
+                "path": path,
+                "predictions": [vars(p) for p in result.predictions],
+                "per_model": {m: [vars(p) for p in ps] for m, ps in result.per_model.items()},
+                "scales": list(result.scales),
+                "models": list(result.models),
+            }
+        await backend.close()
+        return expected
+
+    assert_same_results(results, asyncio.run(reference()))
+
+
+def test_killed_halfway_and_resumed_gives_the_uninterrupted_result_set(
+    triton_server,  # noqa: F811
+    two_model_repository,
+    image_folder,
+    uninterrupted,
+    tmp_path,
+):
+    repository, _ = two_model_repository
+    out = tmp_path / "results.jsonl"
+    args = job_args(image_folder, triton_server.grpc_url, repository, out, "--concurrency", "2")
+    client = start_client(*args)
+    deadline = time.monotonic() + 60
+    while count_lines(out) < (IMAGES + len(UNREADABLE)) // 2:
+        assert client.poll() is None, "the client finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    client.send_signal(signal.SIGKILL)
+    client.wait()
+    partial = count_lines(out) + count_lines(tmp_path / "results.errors.jsonl")
+    assert partial < IMAGES + len(UNREADABLE)
+    with open(out, "a") as f:  # as if killed in the middle of a write
+        f.write('{"path": "' + str(image_folder / "b" / "img0"))
+
+    resumed = run_client(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{partial} already done" in resumed.stderr
+    results, errors, _ = uninterrupted
+    assert load(tmp_path / "results.errors.jsonl") == errors
+    assert_same_results(load(out), results)
+
+
+def test_triton_killed_mid_run_the_job_still_completes(two_model_repository, image_folder,
+                                                       uninterrupted, tmp_path):  # fmt: skip
+    repository, _ = two_model_repository
+    server = start_triton(repository)
+    out = tmp_path / "results.jsonl"
+    try:
+        client = start_client(*job_args(image_folder, server.grpc_url, repository, out,
+                                         "--concurrency", "2"))  # fmt: skip
+        while count_lines(out) < 10:
+            assert client.poll() is None, "the client finished before Triton could be killed"
+            time.sleep(0.01)
+        server.kill()
+        time.sleep(1.0)
+        server.start()
+        _, stderr = client.communicate(timeout=120)
+        assert client.returncode == 0, stderr
+        assert "retrying in" in stderr  # it saw the outage
+    finally:
+        server.kill()
+        server.close()
+    results, errors, _ = uninterrupted
+    assert load(tmp_path / "results.errors.jsonl") == errors
+    assert_same_results(load(out), results)
+
+
+def test_triton_down_stops_early_then_resume_finishes(triton_server, two_model_repository,  # noqa: F811
+                                                      image_folder, uninterrupted, tmp_path):  # fmt: skip
+    repository, _ = two_model_repository
+    out = tmp_path / "results.jsonl"
+    (port,) = free_ports(1)
+    down = run_client(*job_args(image_folder, f"127.0.0.1:{port}", repository, out,
+                                "--retries", "1"))  # fmt: skip
+    assert down.returncode == 75, down.stderr
+    assert f"Triton at 127.0.0.1:{port} is unreachable" in down.stderr
+    assert "--resume" in down.stderr
+    assert count_lines(out) == 0
+
+    done = run_client(*job_args(image_folder, triton_server.grpc_url, repository, out,
+                                "--resume"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    results, errors, _ = uninterrupted
+    assert_same_results(load(out), results)
+    assert load(tmp_path / "results.errors.jsonl") == errors
+
+
+def test_shards_split_the_job_without_overlap(triton_server, two_model_repository, image_folder,  # noqa: F811
+                                              uninterrupted, tmp_path):  # fmt: skip
+    repository, _ = two_model_repository
+    parts = []
+    for index in range(2):
+        out = tmp_path / f"part{index}.jsonl"
+        result = run_client(*job_args(image_folder, triton_server.grpc_url, repository, out,
+                                      "--shard", f"{index}/2"))  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        parts.append({**load(out), **load(tmp_path / f"part{index}.errors.jsonl")})
+    assert parts[0] and parts[1] and not set(parts[0]) & set(parts[1])
+    assert all(in_shard(p, i, 2) for i, part in enumerate(parts) for p in part)
+    results, errors, _ = uninterrupted
+    assert sorted([*parts[0], *parts[1]]) == sorted([*results, *errors])
+    assert_same_results({p: r for part in parts for p, r in part.items() if p in results}, results)
+
+
+def test_shared_memory_gives_the_same_results(triton_server, two_model_repository, image_folder,  # noqa: F811
+                                              uninterrupted, tmp_path):  # fmt: skip
+    repository, _ = two_model_repository
+    results, _, _ = uninterrupted
+    chosen = sorted(results)[:10]
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{p}\n" for p in chosen))
+    out = tmp_path / "results.jsonl"
+    result = run_client("--list", str(listing), "--url", triton_server.grpc_url, "--repository",
+                        str(repository), "--scales", SCALES, "--out", str(out), "--shm")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert_same_results(load(out), {p: results[p] for p in chosen})
+
+
+def test_existing_output_needs_resume_or_overwrite(two_model_repository, image_folder, tmp_path):
+    repository, _ = two_model_repository
+    out = tmp_path / "results.jsonl"
+    out.write_text('{"path": "x", "predictions": []}\n')
+    (port,) = free_ports(1)
+    result = run_client(*job_args(image_folder, f"127.0.0.1:{port}", repository, out))
+    assert result.returncode == 2
+    assert "already exist; pass --resume" in result.stderr and "--overwrite" in result.stderr
+    bad = run_client(
+        *job_args(image_folder, f"127.0.0.1:{port}", repository, out, "--shard", "2/2")
+    )
+    assert bad.returncode == 2 and "0 <= i < n" in bad.stderr
+
+
+def test_read_done_cuts_a_torn_tail_and_refuses_a_corrupt_middle(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"path": "a"}\n{"path": "b"}\n{"path": "c", "pre')
+    assert read_done(path) == {"a", "b"}
+    assert path.read_text() == '{"path": "a"}\n{"path": "b"}\n'  # ready for appending
+    path.write_text('{"path": "a"}\ngarbage\n{"path": "c"}\n')
+    with pytest.raises(UsageError, match="corrupt line in the middle"):
+        read_done(path)

@@ -83,10 +83,12 @@ async def _overloaded(request: Request, exc: Exception) -> JSONResponse:
     return _json(429, str(exc), {"Retry-After": str(exc.retry_after_s)})
 
 
-async def _backend_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+async def _backend_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    backend = request.app.state.server.settings.backend
     return _json(
         503,
-        f"the inference backend is unavailable ({exc}); retry later, and check /readyz",
+        f"the {backend} inference backend is unavailable: {exc} (retry in "
+        f"{BACKEND_RETRY_AFTER_S} s; /readyz answers 200 once it is back)",
         {"Retry-After": str(BACKEND_RETRY_AFTER_S)},
     )
 

@@ -57,3 +57,18 @@ def header_bomb(width: int, height: int) -> bytes:
     crc = zlib.crc32(bytes(data[ihdr : ihdr + 17]))
     data[ihdr + 17 : ihdr + 21] = struct.pack(">I", crc)
     return bytes(data)
+
+
+def landscape(width: int = 640, height: int = 480) -> Image.Image:
+    """A drawn landscape (sky, sun, hills): a friendlier picture for the page's screenshots."""
+    from PIL import ImageDraw
+
+    t = np.linspace(0, 1, height)[:, None, None]
+    sky = np.array([90, 150, 230]) * (1 - t) + np.array([250, 220, 180]) * t
+    image = Image.fromarray(np.broadcast_to(sky, (height, width, 3)).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    sx, sy, r = width * 0.73, height * 0.23, width * 0.08
+    draw.ellipse((sx - r, sy - r, sx + r, sy + r), fill=(255, 210, 80))
+    ridge = [(0, 0.69), (0.25, 0.48), (0.52, 0.67), (0.75, 0.52), (1, 0.69), (1, 1), (0, 1)]
+    draw.polygon([(x * width, y * height) for x, y in ridge], fill=(60, 120, 70))
+    return image

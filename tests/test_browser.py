@@ -1,0 +1,128 @@
+"""The web page in a real headless Chromium: upload through ``<input type=file>``, read the page.
+
+The page must show exactly what the API answers for the same file, draw the score map over the
+image, and show a readable error for a file that is not an image.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from .images import encode, landscape
+from .server_process import ServerProcess
+
+SCREENSHOT = "/tmp/vggserve-page.png"
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--window-size=1280,1000"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(two_model_repository, tmp_path_factory):
+    repo, _ = two_model_repository
+    with ServerProcess("--repository", str(repo), log_dir=tmp_path_factory.mktemp("log")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for arg in CHROMIUM_ARGS:
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("upload") / "landscape.jpg"
+    path.write_bytes(encode(landscape(), "JPEG", quality=92))
+    return path
+
+
+def upload(browser, path) -> str:
+    """Pick ``path`` in the file input and wait for the page to finish; returns its state."""
+    browser.find_element(By.ID, "file-input").send_keys(str(path))
+    WebDriverWait(browser, 60).until(
+        lambda b: (
+            b.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error")
+        )
+    )
+    return browser.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+
+
+def shown_predictions(root) -> list[tuple[str, float, str]]:
+    """(label, exact probability, displayed percentage) of each listed class, in page order."""
+    return [
+        (
+            item.find_element(By.CLASS_NAME, "label").text,
+            float(item.get_attribute("data-probability")),
+            item.find_element(By.CLASS_NAME, "probability").text,
+        )
+        for item in root.find_elements(By.CSS_SELECTOR, "li.prediction")
+    ]
+
+
+def test_page_shows_the_api_answer_and_the_score_map(server, browser, photo):
+    browser.get(server.url + "/")
+    WebDriverWait(browser, 10).until(
+        lambda b: "Serving m16" in b.find_element(By.ID, "models-info").text
+    )
+    assert upload(browser, photo) == "done"
+
+    # The same file through the API, with the page's parameters.
+    params = {"top_k": 5, "mode": "dense", "flip": "true", "heatmap": "true"}
+    with photo.open("rb") as f:
+        response = httpx.post(f"{server.url}/v1/classify", params=params,
+                              files={"file": (photo.name, f, "image/jpeg")}, timeout=60)  # fmt: skip
+    assert response.status_code == 200
+    api = response.json()
+
+    fused = shown_predictions(browser.find_element(By.ID, "predictions"))
+    assert [label for label, _, _ in fused] == [p["label"] for p in api["predictions"]]
+    for (_, probability, text), expected in zip(fused, api["predictions"], strict=True):
+        assert probability == pytest.approx(expected["probability"], abs=1e-9)
+        assert text.endswith("%") and float(text[:-1]) == pytest.approx(100 * probability, abs=0.05)
+    for name in ("m16", "m19"):
+        block = browser.find_element(By.CSS_SELECTOR, f'#per-model [data-model="{name}"]')
+        shown = shown_predictions(block)
+        assert [label for label, _, _ in shown] == [p["label"] for p in api["per_model"][name]]
+
+    # The score map: drawn at the map's size, stretched over the image, not blank.
+    canvas = browser.find_element(By.ID, "heatmap")
+    assert canvas.get_attribute("data-drawn") == "true" and canvas.is_displayed()
+    heatmap = api["heatmap"]
+    assert int(canvas.get_attribute("width")) == heatmap["width"]
+    assert int(canvas.get_attribute("height")) == heatmap["height"]
+    alphas = browser.execute_script(
+        "const c = document.getElementById('heatmap');"
+        "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        "return Array.from(d.filter((_, i) => i % 4 === 3));"
+    )
+    assert len(alphas) == heatmap["width"] * heatmap["height"]
+    assert min(alphas) > 0 and max(alphas) > min(alphas)
+    image_box = browser.find_element(By.ID, "preview").rect
+    canvas_box = canvas.rect
+    for key in ("x", "y", "width", "height"):
+        assert canvas_box[key] == pytest.approx(image_box[key], abs=1)
+    assert browser.execute_script("return document.getElementById('preview').naturalWidth") == 640
+    assert heatmap["label"] in browser.find_element(By.ID, "heatmap-caption").text
+    browser.save_screenshot(SCREENSHOT)
+
+
+def test_page_shows_a_clear_error_for_a_bad_file(server, browser, tmp_path):
+    browser.get(server.url + "/")
+    bad = tmp_path / "notes.txt"
+    bad.write_text("this is not an image\n")
+    assert upload(browser, bad) == "error"
+    error = browser.find_element(By.ID, "error")
+    assert error.is_displayed()
+    assert "notes.txt: 415" in error.text and "not an image" in error.text
+    assert not browser.find_element(By.ID, "result").is_displayed()

@@ -1,0 +1,66 @@
+# syntax=docker/dockerfile:1
+# vggserve on a GPU host: two images from one file, built from the repository root after the
+# models are exported (python export/to_onnx.py writes model_repository/):
+#
+#   docker build --target triton   -t vggserve-triton   .
+#   docker build --target frontend -t vggserve-frontend .
+#
+# README.md ("Triton") shows how to run them together (docker network or compose).
+
+ARG TRITON_VERSION=24.10
+ARG PYTHON_VERSION=3.11
+
+# --- triton: NVIDIA's Triton Inference Server, native ONNX Runtime backend, on the GPU ---------
+# 24.10 is Triton 2.51, the version the local CPU twin (make triton) runs in the tests.
+FROM nvcr.io/nvidia/tritonserver:${TRITON_VERSION}-py3 AS triton
+# The production configs (platform "onnxruntime_onnx", KIND_AUTO instances: the GPU when the
+# container sees one). Mount another repository on /models to serve it instead.
+COPY model_repository/ /models/
+EXPOSE 8000 8001 8002
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["curl", "-fsS", "http://127.0.0.1:8000/v2/health/ready"]
+ENTRYPOINT ["tritonserver"]
+CMD ["--model-repository=/models", "--strict-readiness=true", "--exit-on-error=true"]
+
+# --- build: the vggserve wheel ------------------------------------------------------------------
+FROM python:${PYTHON_VERSION}-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY vgg/ vgg/
+COPY inference/ inference/
+COPY server/ server/
+COPY export/ export/
+COPY clients/ clients/
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+# --- frontend: the HTTP front end, talking to Triton over gRPC ----------------------------------
+FROM python:${PYTHON_VERSION}-slim AS frontend
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY --from=build /wheels /wheels
+# Only what serving imports: torch, torchvision, onnx and matplotlib are for training and export.
+# The ranges are pyproject.toml's (tests/test_dockerfile.py keeps them equal).
+RUN pip install --no-cache-dir --no-deps /wheels/*.whl \
+    && pip install --no-cache-dir \
+        "numpy>=1.26,<3" \
+        "pillow>=10.3,<14" \
+        "onnxruntime>=1.20,<2" \
+        "protobuf>=4.25,<7" \
+        "fastapi>=0.115,<1" \
+        "uvicorn[standard]>=0.30,<1" \
+        "python-multipart>=0.0.18" \
+        "pydantic>=2.7,<3" \
+        "prometheus-client>=0.20,<1" \
+        "tritonclient[grpc]>=2.50,<3" \
+    && rm -rf /wheels \
+    && useradd --system --uid 10001 --no-create-home vggserve
+USER 10001
+WORKDIR /home/vggserve
+# Labels and pre-processing come from the same repository Triton serves: mount it on /models.
+VOLUME ["/models"]
+EXPOSE 8080
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
+ENTRYPOINT ["python", "-m", "server"]
+CMD ["--backend", "triton", "--triton-url", "triton:8001", "--host", "0.0.0.0", "--port", "8080", "--repository", "/models"]

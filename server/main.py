@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 
 from inference import Classifier, read_repository
 from server.admission import Admission
@@ -39,6 +40,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     backend itself is opened when the app starts serving.
     """
     settings = settings or Settings()
+    # Pillow refuses images over its own bomb limit (~89 MP) before ours is consulted; a larger
+    # --max-pixels must be able to take effect, so Pillow's limit is raised to match.
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, settings.max_pixels)
     served = read_repository(settings.repository, list(settings.models or ()) or None)
     engine = EngineHandle(settings.backend, engine_opener(settings, served))
     state = ServerState(

@@ -84,9 +84,11 @@ async def classify_batch(
     async with state.admission.slot():
         for index, upload in enumerate(files):
             name = upload.filename or f"file {index + 1}"
+            # Each file's "total" is its own; the first one's also counts the wait for the slot.
+            file_started = started if index == 0 else time.perf_counter()
             try:
                 data = await read_upload(upload, "files")
-                body = await classify_bytes(state, data, options, started)
+                body = await classify_bytes(state, data, options, file_started)
             except BadUpload as exc:
                 results.append(_failed(name, 400, str(exc)))
             except ImageError as exc:

@@ -1,0 +1,140 @@
+"""Locust, headless, as a subprocess; and its CSV statistics read back as numbers.
+
+The same way a user runs it (``locust -f loadtest/locustfile.py --headless ...``), so what the
+tests measure is what ``loadtest/run.sh`` reports.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from loadtest.processes import ROOT
+
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+
+
+def start_locust(
+    host: str,
+    csv_prefix: Path,
+    users: int,
+    spawn_rate: float,
+    duration: str,
+    think_time: str = "0.05,0.5",
+    events_file: Path | None = None,
+    log_path: Path | None = None,
+) -> subprocess.Popen:
+    """Start a headless Locust run against ``host``; it stops by itself after ``duration``.
+
+    ``duration`` is Locust's ``--run-time`` (``30s``, ``10m``). Its exit code is 0 when no request
+    failed, 1 otherwise. The CSV files are ``<csv_prefix>_stats.csv`` etc.
+    """
+    command = [
+        sys.executable, "-m", "locust",
+        "-f", str(LOCUSTFILE),
+        "--headless",
+        "--host", host,
+        "--users", str(users),
+        "--spawn-rate", str(spawn_rate),
+        "--run-time", duration,
+        # Requests in flight when the time is up are let finish: a cut-off is not a failure.
+        "--stop-timeout", "60",
+        "--csv", str(csv_prefix),
+        "--csv-full-history",
+        "--only-summary",
+        "--think-time", think_time,
+    ]  # fmt: skip
+    if events_file is not None:
+        command += ["--events-file", str(events_file)]
+    output = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        return subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    finally:
+        if log_path:
+            output.close()
+
+
+@dataclass(frozen=True)
+class EndpointStats:
+    """One row of Locust's ``_stats.csv`` (times in milliseconds)."""
+
+    name: str
+    requests: int
+    failures: int
+    requests_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+@dataclass(frozen=True)
+class LoadSummary:
+    """A finished Locust run: every endpoint and the aggregate."""
+
+    total: EndpointStats
+    endpoints: tuple[EndpointStats, ...]
+
+    def as_dict(self) -> dict:
+        return {"total": asdict(self.total), "endpoints": [asdict(e) for e in self.endpoints]}
+
+
+def _number(text: str) -> float:
+    return float(text) if text not in ("", "N/A") else float("nan")
+
+
+def read_stats(csv_prefix: Path) -> LoadSummary:
+    """Parse ``<csv_prefix>_stats.csv``; raises ``FileNotFoundError`` if Locust wrote none."""
+    rows = []
+    with open(f"{csv_prefix}_stats.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            rows.append(
+                EndpointStats(
+                    name=row["Name"] if row["Type"] else "Aggregated",
+                    requests=int(row["Request Count"]),
+                    failures=int(row["Failure Count"]),
+                    requests_per_s=_number(row["Requests/s"]),
+                    p50_ms=_number(row["50%"]),
+                    p95_ms=_number(row["95%"]),
+                    p99_ms=_number(row["99%"]),
+                    max_ms=_number(row["Max Response Time"]),
+                )
+            )
+    total = [r for r in rows if r.name == "Aggregated"]
+    if not total:
+        raise ValueError(f"{csv_prefix}_stats.csv has no Aggregated row")
+    return LoadSummary(total=total[0], endpoints=tuple(r for r in rows if r.name != "Aggregated"))
+
+
+def read_failures(csv_prefix: Path) -> list[dict[str, str]]:
+    """Rows of ``<csv_prefix>_failures.csv``: method, name, error message, occurrences."""
+    try:
+        with open(f"{csv_prefix}_failures.csv", newline="") as f:
+            return list(csv.DictReader(f))
+    except FileNotFoundError:
+        return []
+
+
+def format_summary(summary: LoadSummary) -> str:
+    """A small table: requests, failures, requests/s and p50/p95/p99 per endpoint."""
+    lines = [
+        f"{'endpoint':<22} {'requests':>8} {'failures':>8} {'req/s':>7} "
+        f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}"
+    ]
+    for row in (*summary.endpoints, summary.total):
+        lines.append(
+            f"{row.name:<22} {row.requests:>8} {row.failures:>8} {row.requests_per_s:>7.2f} "
+            f"{row.p50_ms:>7.0f} {row.p95_ms:>7.0f} {row.p99_ms:>7.0f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,177 @@
+"""Start a server, load it with Locust (headless, bounded time), report latency, failures, memory.
+
+    loadtest/run.sh                                    # 30 s, small models, embedded ONNX Runtime
+    loadtest/run.sh --backend triton --duration 2m     # through the real tritonserver (CPU)
+    loadtest/run.sh --repository model_repository --users 4 --duration 5m    # full-size models
+    loadtest/run.sh --soak                             # 10 min; RSS and open files must stay flat
+    loadtest/run.sh --host http://127.0.0.1:8080       # a server that is already running
+
+Writes into ``--out`` (default ``loadtest/results/<time>-<backend>``): Locust's CSV statistics
+(``locust_stats.csv``, ``locust_stats_history.csv``, ``locust_failures.csv``), the sampled
+resources (``resources.csv``), the logs and ``summary.json``; prints p50/p95/p99 latency,
+requests/s and failures. Exit code 0 when no request failed (and, with ``--soak``, RSS and open
+files grew less than ``--max-growth`` after warm-up), 1 otherwise, 2 when it could not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loadtest.locust_runner import format_summary, read_failures, read_stats, start_locust
+from loadtest.monitor import ResourceMonitor, growth
+from loadtest.processes import ROOT, FrontEnd, free_ports
+from loadtest.small_models import SCALES, export_small_models
+
+HERE = Path(__file__).resolve().parent
+SMALL_REPOSITORY = HERE / ".models"
+SOAK = {"duration": "10m", "users": 6, "think_time": "0.1,1.0", "warmup_s": 120.0}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="loadtest/run.sh",
+        description="Load the vggserve HTTP API with Locust (headless) and report the figures.",
+    )
+    parser.add_argument("--backend", choices=("onnxruntime", "triton"), default="onnxruntime",
+                        help="embedded ONNX Runtime, or the real tritonserver started here on CPU")  # fmt: skip
+    parser.add_argument("--repository", type=Path, default=None,
+                        help="model repository to serve (default: two small VGGs exported into "
+                        f"{SMALL_REPOSITORY.relative_to(ROOT)} on first use)")  # fmt: skip
+    parser.add_argument("--scales", default=None,
+                        help="the server's --scales (default: 64,96,128 for the small models, "
+                        "the server's default otherwise)")  # fmt: skip
+    parser.add_argument("--users", type=int, default=None, help="concurrent Locust users (8)")
+    parser.add_argument("--spawn-rate", type=float, default=4.0, help="users started per second")
+    parser.add_argument("--duration", default=None, help="Locust --run-time: 30s, 5m, ... (30s)")
+    parser.add_argument("--think-time", default=None,
+                        help="MIN,MAX seconds between a user's requests (0.05,0.5)")  # fmt: skip
+    parser.add_argument("--soak", action="store_true",
+                        help=f"{SOAK['duration']} with {SOAK['users']} users; fail if RSS or open "
+                        "files grow after warm-up")  # fmt: skip
+    parser.add_argument("--warmup-s", type=float, default=None,
+                        help=f"seconds before growth is measured (soak: {SOAK['warmup_s']:.0f})")  # fmt: skip
+    parser.add_argument("--max-growth", type=float, default=0.10,
+                        help="largest allowed RSS / open-file growth after warm-up (0.10 = 10%%)")  # fmt: skip
+    parser.add_argument("--sample-every", type=float, default=5.0,
+                        help="seconds between resource samples")  # fmt: skip
+    parser.add_argument("--host", default=None,
+                        help="load this running server instead of starting one (no resources)")  # fmt: skip
+    parser.add_argument("--server-arg", action="append", default=[],
+                        help="extra flag for python -m server (repeat: --server-arg=--threads=1)")  # fmt: skip
+    parser.add_argument("--events-file", action="store_true",
+                        help="also write events.jsonl: one line per request")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None, help="where the results go")
+    args = parser.parse_args(argv)
+    args.duration = args.duration or (SOAK["duration"] if args.soak else "30s")
+    args.users = args.users or (SOAK["users"] if args.soak else 8)
+    args.think_time = args.think_time or (SOAK["think_time"] if args.soak else "0.05,0.5")
+    if args.warmup_s is None:
+        args.warmup_s = SOAK["warmup_s"] if args.soak else 0.0
+    if args.users < 1:
+        parser.error("--users must be at least 1")
+    return args
+
+
+def start_triton(repository: Path, work_dir: Path):
+    """The bundled tritonserver on three free ports of our range, serving ``repository``."""
+    from tritonlocal import LocalTriton
+
+    http, grpc, metrics = free_ports(3)
+    return LocalTriton(repository, http, grpc, metrics, work_dir=work_dir).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one load test; see the module docstring."""
+    args = parse_args(argv)
+    out = args.out or HERE / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.backend}"
+    out.mkdir(parents=True, exist_ok=True)
+    command = "loadtest/run.sh " + shlex.join(argv if argv is not None else sys.argv[1:])
+    print(f"load test: {command}\nresults: {out}", flush=True)
+
+    with contextlib.ExitStack() as stack:
+        watched: dict[str, tuple[int, bool]] = {}
+        front = None
+        if args.host:
+            host = args.host.rstrip("/")
+        else:
+            repository = args.repository
+            scales = args.scales
+            if repository is None:
+                repository = export_small_models(SMALL_REPOSITORY)
+                scales = scales or ",".join(map(str, SCALES))
+            server_args = ["--repository", str(repository), "--log-level", "warning"]
+            server_args += ["--scales", scales] if scales else []
+            if args.backend == "triton":
+                triton = start_triton(repository, out / "triton")
+                stack.callback(triton.close)
+                watched["tritonserver"] = (triton.process.pid, True)  # with its Python stubs
+                server_args += ["--backend", "triton", "--triton-url", triton.grpc_url]
+            front = stack.enter_context(FrontEnd(*server_args, *args.server_arg, log_dir=out))
+            watched["frontend"] = (front.pid, False)
+            host = front.url
+            print(f"server: {shlex.join(front.command)}", flush=True)
+
+        csv_prefix = out / "locust"
+        events = out / "events.jsonl" if args.events_file else None
+        started = time.time()
+        with ResourceMonitor(watched, args.sample_every) as monitor:
+            locust = start_locust(host, csv_prefix, args.users, args.spawn_rate, args.duration,
+                                  args.think_time, events, out / "locust.log")  # fmt: skip
+            locust_code = locust.wait()
+        elapsed = time.time() - started
+        monitor.write_csv(out / "resources.csv")
+        if front is not None and not front.alive():
+            print(f"FAILED: the server died during the run:\n{front.log_tail()}")
+            return 1
+
+    try:
+        summary = read_stats(csv_prefix)
+    except (OSError, ValueError) as exc:
+        print(f"FAILED: Locust wrote no statistics ({exc}); see {out / 'locust.log'}")
+        return 2
+    print(format_summary(summary))
+    failures = read_failures(csv_prefix)
+    for row in failures[:10]:
+        print(f"  {row['Occurrences']} x {row['Method']} {row['Name']}: {row['Error'][:300]}")
+
+    report = {"command": command, "host": host, "backend": args.backend, "users": args.users,
+              "duration": args.duration, "elapsed_s": round(elapsed, 1),
+              "locust_exit_code": locust_code, **summary.as_dict()}  # fmt: skip
+    ok = summary.total.failures == 0 and locust_code == 0 and summary.total.requests > 0
+    by_process: dict[str, list] = {}
+    for s in monitor.samples:
+        by_process.setdefault(s.process, []).append(s)
+    for name, samples in by_process.items():
+        print(f"{name}: RSS {samples[0].rss_mb:.0f} -> {samples[-1].rss_mb:.0f} MB "
+              f"(peak {max(s.rss_mb for s in samples):.0f}), open files {samples[0].open_fds} -> "
+              f"{samples[-1].open_fds} (peak {max(s.open_fds for s in samples)})")  # fmt: skip
+    if args.soak or args.warmup_s:
+        try:
+            growths = growth(monitor.samples, args.warmup_s)
+        except ValueError as exc:
+            print(f"FAILED: {exc}")
+            return 1
+        report["growth"] = []
+        for g in growths:
+            flat = g.ratio < args.max_growth
+            ok = ok and flat
+            report["growth"].append({**g.__dict__, "ratio": round(g.ratio, 4), "flat": flat})
+            print(f"{g.process} {g.measure}: {g.baseline:.1f} after warm-up -> {g.after:.1f} at "
+                  f"the end ({g.ratio:+.1%}, peak {g.peak:.1f}): "
+                  f"{'flat' if flat else 'GREW'}")  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
+    print("PASSED" if ok else "FAILED", f"({summary.total.failures} failed requests)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

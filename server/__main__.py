@@ -42,8 +42,9 @@ def _positive(kind):
     return convert
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[Settings, str]:
-    """Command-line flags to :class:`~server.settings.Settings` and the log level."""
+def parse_args(argv: list[str] | None = None) -> tuple[Settings, str, float]:
+    """Command-line flags to :class:`~server.settings.Settings`, the log level and the grace
+    period (seconds)."""
     defaults = Settings()
     parser = argparse.ArgumentParser(
         prog="python -m server",
@@ -84,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str]:
                         "(default: %(default)s)")  # fmt: skip
     parser.add_argument("--threads", type=_positive(int), default=None,
                         help="ONNX Runtime threads per inference (default: every core)")  # fmt: skip
+    parser.add_argument("--grace-period", type=_positive(float), default=30.0,
+                        help="seconds in-flight requests get to finish after SIGTERM before the "
+                        "server exits anyway (default: %(default)s)")  # fmt: skip
     parser.add_argument("--log-level", default="info",
                         choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn and server log level (default: %(default)s)")  # fmt: skip
@@ -92,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str]:
         parser.error("--max-queue must be 0 or more")
     if not 0 < args.port < 65536:
         parser.error(f"--port must be between 1 and 65535, got {args.port}")
-    return Settings(
+    settings = Settings(
         repository=args.repository,
         models=args.models,
         backend=args.backend,
@@ -105,12 +109,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str]:
         max_concurrency=args.max_concurrency,
         max_queue=args.max_queue,
         threads=args.threads,
-    ), args.log_level
+    )
+    return settings, args.log_level, args.grace_period
 
 
 def main(argv: list[str] | None = None) -> int:
     """Start the server; a start that cannot work exits non-zero with one line on stderr."""
-    settings, log_level = parse_args(argv)
+    settings, log_level, grace_period = parse_args(argv)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")
     try:
         from server.main import create_app
@@ -128,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level)
+    # On SIGTERM uvicorn stops accepting at once and waits for in-flight requests; after the
+    # grace period it cancels what is left and exits.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level,
+                timeout_graceful_shutdown=grace_period)  # fmt: skip
     return 0
 
 

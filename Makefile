@@ -30,3 +30,15 @@ imagenet-models: venv
 
 clean-models:
 	rm -rf $(MODEL_REPOSITORY)/*/
+
+# The real tritonserver bundled in nvidia-pytriton, on CPU, in the foreground (Ctrl-C stops it):
+# it serves the Python-backend twin of $(MODEL_REPOSITORY), whose model.py runs the same
+# model.onnx with ONNX Runtime. NVIDIA's GPU container: docker build --target triton (Dockerfile).
+TRITON_HTTP_PORT ?= 8000
+TRITON_GRPC_PORT ?= 8001
+TRITON_METRICS_PORT ?= 8002
+
+.PHONY: triton
+triton: venv
+	$(PY) -m tritonlocal --repository $(MODEL_REPOSITORY) --http-port $(TRITON_HTTP_PORT) \
+		--grpc-port $(TRITON_GRPC_PORT) --metrics-port $(TRITON_METRICS_PORT)

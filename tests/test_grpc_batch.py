@@ -187,7 +187,7 @@ def test_triton_killed_mid_run_the_job_still_completes(two_model_repository, ima
     out = tmp_path / "results.jsonl"
     try:
         client = start_client(*job_args(image_folder, server.grpc_url, repository, out,
-                                         "--concurrency", "2"))  # fmt: skip
+                                         "--concurrency", "8"))  # fmt: skip
         while count_lines(out) < 10:
             assert client.poll() is None, "the client finished before Triton could be killed"
             time.sleep(0.01)

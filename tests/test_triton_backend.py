@@ -257,3 +257,44 @@ def test_shared_memory_is_registered_again_after_an_unseen_restart(two_model_rep
         asyncio.run(backend.close())
         server.kill()
         server.close()
+
+
+def test_concurrent_calls_during_an_outage_all_fail_cleanly(two_model_repository, models):
+    """Many requests at once while Triton is down: each gets BackendUnavailable.
+
+    One call's failure replaces the channel; the others still on the old one must fail on their
+    own, not be cancelled (a CancelledError would escape the HTTP layer's 503 and kill a batch
+    job).
+    """
+    repository, _ = two_model_repository
+    server = start_triton(repository)
+    backend = TritonBackend(server.grpc_url, models)
+    classifier = Classifier(backend, models)
+    image = random_image(8, 120, 90)
+    options = ClassifyOptions(scales=(64, 96))
+
+    async def run():
+        expected = await classifier.classify(image, options)
+        server.kill()
+        outcomes = []
+        for _ in range(10):  # 10 rounds of 8 requests, each of 4 calls in flight together
+            requests = (classifier.classify(image, options) for _ in range(8))
+            outcomes += await asyncio.gather(*requests, return_exceptions=True)
+        kinds = {type(o).__name__ for o in outcomes}
+        assert kinds == {"BackendUnavailable"}, kinds
+        await asyncio.to_thread(server.start)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert_same_classification(await classifier.classify(image, options), expected)
+                return
+            except BackendUnavailable:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+
+    try:
+        asyncio.run(run())
+    finally:
+        asyncio.run(backend.close())
+        server.kill()
+        server.close()

@@ -141,6 +141,8 @@ class TritonBackend:
         self._client: grpcclient.InferenceServerClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shm = _SharedMemoryPool() if shared_memory else None
+        self._retired: dict[grpcclient.InferenceServerClient, asyncio.TimerHandle] = {}
+        self._closing: set[asyncio.Task] = set()
 
     def _channel(self) -> grpcclient.InferenceServerClient:
         """The current client; a new one after an outage or in another event loop."""
@@ -154,13 +156,31 @@ class TritonBackend:
         return self._client
 
     def _drop_channel(self, client: grpcclient.InferenceServerClient) -> None:
-        """Forget a channel that failed, so the next call connects afresh."""
+        """Forget a channel that failed, so the next call connects afresh.
+
+        Closing it now would cancel the other calls still in flight on it (CancelledError
+        instead of a clean error), so it is closed once they are past their deadline.
+        """
         if self._client is client:
             self._client = None
             if self._shm:
                 self._shm.forget_registrations()
-            task = asyncio.get_running_loop().create_task(client.close())
-            task.add_done_callback(lambda t: t.exception())  # closing a dead channel may fail
+            loop = asyncio.get_running_loop()
+            self._retired[client] = loop.call_later(
+                self.timeout_s + 1, self._start_closing, loop, client
+            )
+
+    def _start_closing(self, loop: asyncio.AbstractEventLoop, client) -> None:
+        task = loop.create_task(self._close_retired(client))
+        self._closing.add(task)  # a task nobody references may be garbage-collected
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_retired(self, client: grpcclient.InferenceServerClient) -> None:
+        timer = self._retired.pop(client, None)
+        if timer is not None:
+            timer.cancel()
+            with contextlib.suppress(Exception):  # closing a dead channel may fail
+                await client.close()
 
     def _unreachable(self, detail: str) -> BackendUnavailable:
         return BackendUnavailable(
@@ -270,7 +290,12 @@ class TritonBackend:
 
     async def close(self) -> None:
         """Unregister shared memory and close the channel."""
-        client = self._client if self._loop is asyncio.get_running_loop() else None
+        same_loop = self._loop is asyncio.get_running_loop()
+        if same_loop:
+            for retired in list(self._retired):
+                await self._close_retired(retired)
+        self._retired.clear()
+        client = self._client if same_loop else None
         if self._shm:
             await self._shm.close(client)
         if client is not None:

@@ -43,12 +43,11 @@ from inference import (  # noqa: E402
     read_repository,
 )
 from inference.backends.base import BackendUnavailable  # noqa: E402
-from inference.backends.triton import TritonBackend, TritonError  # noqa: E402
+from inference.backends.triton import LOOPBACK, TritonBackend, TritonError  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif",
                   ".tiff", ".webp"}  # fmt: skip
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 75  # 75: EX_TEMPFAIL, rerun later
-LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
 class UsageError(ValueError):
@@ -318,7 +317,7 @@ async def main_async(args: argparse.Namespace) -> int:
     except ValueError:
         raise UsageError(f"--scales must be integers like 256,384,512, got {args.scales}") from None
     names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else None
-    if args.shm and args.url.rsplit(":", 1)[0] not in LOCAL_HOSTS:
+    if args.shm and args.url.rsplit(":", 1)[0] not in LOOPBACK:
         raise UsageError(f"--shm needs Triton on this machine, but --url is {args.url}")
     models = read_repository(args.repository, names)
     backend = TritonBackend(args.url, models, timeout_s=args.timeout, shared_memory=args.shm)

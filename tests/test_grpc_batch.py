@@ -268,6 +268,8 @@ def test_existing_output_needs_resume_or_overwrite(two_model_repository, image_f
         *job_args(image_folder, f"127.0.0.1:{port}", repository, out, "--shard", "2/2")
     )
     assert bad.returncode == 2 and "0 <= i < n" in bad.stderr
+    remote = run_client(*job_args(image_folder, "10.1.2.3:8001", repository, out, "--shm"))
+    assert remote.returncode == 2 and "--shm needs Triton on this machine" in remote.stderr
 
 
 def test_read_done_cuts_a_torn_tail_and_refuses_a_corrupt_middle(tmp_path):

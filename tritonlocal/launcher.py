@@ -173,6 +173,8 @@ class LocalTriton:
 
     def _wait_ready(self, timeout: float) -> None:
         url = f"http://{self.host}:{self.ports['http']}/v2/health/ready"
+        # Straight to the server: an http_proxy in the environment must not intercept 127.0.0.1.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         deadline = time.monotonic() + timeout
         while True:
             code = self.process.poll()
@@ -181,7 +183,7 @@ class LocalTriton:
                     f"tritonserver exited with code {code} while starting:\n{self.log_tail()}"
                 )
             try:
-                with urllib.request.urlopen(url, timeout=1) as response:
+                with opener.open(url, timeout=1) as response:
                     if response.status == 200:
                         return
             except (urllib.error.URLError, OSError):

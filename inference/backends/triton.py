@@ -39,6 +39,7 @@ CHANNEL_ARGS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.use_local_subchannel_pool", 1),
 ]
+LOOPBACK = {"127.0.0.1", "localhost", "[::1]"}
 # gRPC codes that mean "not now" rather than "wrong request".
 _UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.CANCELLED", "StatusCode.UNKNOWN"}
 
@@ -149,7 +150,10 @@ class TritonBackend:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
             # A channel belongs to the loop it was made in; one from a finished loop is dropped.
-            self._client = grpcclient.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
+            args = list(CHANNEL_ARGS)
+            if self.url.rsplit(":", 1)[0] in LOOPBACK:
+                args.append(("grpc.enable_http_proxy", 0))  # an http_proxy must not catch these
+            self._client = grpcclient.InferenceServerClient(self.url, channel_args=args)
             self._loop = loop
             if self._shm:
                 self._shm.forget_registrations()

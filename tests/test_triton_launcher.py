@@ -63,7 +63,10 @@ def triton_server(two_model_repository):
     repository, _ = two_model_repository
     key = str(repository)
     if key not in _servers or not _servers[key].running():
-        _servers[key] = start_triton(repository)
+        # Runs of at most 4 requests of 2 x 224 x 256: the batching test then also exercises
+        # the model's splitting of a large batch into several ONNX Runtime runs.
+        limit = {"VGGSERVE_TRITON_MAX_RUN_PIXELS": str(4 * 2 * 224 * 256)}
+        _servers[key] = start_triton(repository, environment=limit)
     yield _servers[key]
     server = _servers.pop(key, None)
     if server is not None:

@@ -61,6 +61,7 @@ class LocalTriton:
         work_dir: holds the twin and the server log (default: a temporary folder, removed on
             stop).
         log_to_console: stream Triton's log to our stdout/stderr instead of the log file.
+        environment: extra environment variables for the server and its Python stubs.
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class LocalTriton:
         work_dir: Path | str | None = None,
         log_to_console: bool = False,
         install: ServerInstall | None = None,
+        environment: dict[str, str] | None = None,
     ) -> None:
         self.repository = Path(repository)
         self.host = host
@@ -85,6 +87,7 @@ class LocalTriton:
         self.work_dir = Path(work_dir) if work_dir else None
         self.log_to_console = log_to_console
         self._install = install
+        self.environment = dict(environment or {})
         self.process: subprocess.Popen | None = None
         self._log = None
         self._shm_prefix = ""
@@ -154,7 +157,7 @@ class LocalTriton:
         in_main_thread = threading.current_thread() is threading.main_thread()
         self.process = subprocess.Popen(
             self.command(install, twin),
-            env=install.environment(),
+            env={**install.environment(), **self.environment},
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=subprocess.STDOUT if output else None,

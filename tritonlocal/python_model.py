@@ -19,6 +19,8 @@ import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 OUTPUTS = ("probs", "scores")
+# Largest run, in input pixels (N x H x W): 8 views of 512x683, ~0.7 GB of VGG activations.
+MAX_RUN_PIXELS = int(os.environ.get("VGGSERVE_TRITON_MAX_RUN_PIXELS", str(8 * 512 * 683)))
 
 
 def _cores() -> int:
@@ -77,7 +79,7 @@ class TritonPythonModel:
         ----------
         requests : list of pb_utils.InferenceRequest
             Requests of possibly different image sizes; those of one (H, W) are concatenated
-            along N, run once, and the results split back.
+            along N (up to MAX_RUN_PIXELS per run), run, and the results split back.
 
         Returns
         -------
@@ -99,22 +101,45 @@ class TritonPythonModel:
             groups.setdefault(array.shape[1:], []).append(i)
 
         for members in groups.values():
-            wanted = [self._wanted(requests[i]) for i in members]
-            names = [name for name in OUTPUTS if any(name in w for w in wanted)]
-            batch = np.concatenate([images[i] for i in members], axis=0)
-            try:
-                results = dict(zip(names, self.session.run(names, {"image": batch}), strict=True))
-            except Exception as exc:  # noqa: BLE001 - every request gets the reason
-                for i in members:
-                    responses[i] = self._error(f"ONNX Runtime failed on {self.name}: {exc}")
-                continue
-            start = 0
-            for i, want in zip(members, wanted, strict=True):
-                stop = start + images[i].shape[0]
-                tensors = [pb_utils.Tensor(name, results[name][start:stop]) for name in want]
-                responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
-                start = stop
+            for chunk in self._chunks(members, images):
+                self._run(chunk, requests, images, responses)
         return responses
+
+    def _run(self, members: list[int], requests: list, images: list, responses: list) -> None:
+        """One ONNX Runtime run over the concatenated images of ``members`` (one shape)."""
+        wanted = [self._wanted(requests[i]) for i in members]
+        names = [name for name in OUTPUTS if any(name in w for w in wanted)]
+        batch = np.concatenate([images[i] for i in members], axis=0)
+        try:
+            results = dict(zip(names, self.session.run(names, {"image": batch}), strict=True))
+        except Exception as exc:  # noqa: BLE001 - every request gets the reason
+            for i in members:
+                responses[i] = self._error(f"ONNX Runtime failed on {self.name}: {exc}")
+            return
+        start = 0
+        for i, want in zip(members, wanted, strict=True):
+            stop = start + images[i].shape[0]
+            tensors = [pb_utils.Tensor(name, results[name][start:stop]) for name in want]
+            responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
+            start = stop
+
+    @staticmethod
+    def _chunks(members: list[int], images: list) -> list[list[int]]:
+        """Requests split into runs of at most MAX_RUN_PIXELS input pixels (at least one each).
+
+        The batcher may hand over up to max_batch_size images; at Q=512 one full-size VGG run of
+        64 views would need tens of GB of activations on a CPU.
+        """
+        chunks: list[list[int]] = [[]]
+        pixels = 0
+        for i in members:
+            size = int(np.prod(images[i].shape[:1] + images[i].shape[2:]))
+            if chunks[-1] and pixels + size > MAX_RUN_PIXELS:
+                chunks.append([])
+                pixels = 0
+            chunks[-1].append(i)
+            pixels += size
+        return chunks
 
     def finalize(self) -> None:
         """Release the session."""

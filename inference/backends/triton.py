@@ -192,7 +192,9 @@ class TritonBackend:
             "triton, or the triton container) or point --triton-url at it, then retry"
         )
 
-    def _translate(self, exc: Exception, model: str, client) -> Exception:
+    def _translate(
+        self, exc: Exception, model: str, client, timeout_s: float | None = None
+    ) -> Exception:
         """A tritonclient/grpc error as what the caller can act on."""
         if isinstance(exc, InferenceServerException):
             status, message = str(exc.status()), exc.message() or str(exc)
@@ -203,8 +205,8 @@ class TritonBackend:
         if status == "StatusCode.DEADLINE_EXCEEDED":
             self._drop_channel(client)
             return TritonTimeout(
-                f"Triton at {self.url} did not answer {model} within {self.timeout_s:g} s; it "
-                "is overloaded or stuck, retry later"
+                f"Triton at {self.url} did not answer {model} within "
+                f"{timeout_s or self.timeout_s:g} s; it is overloaded or stuck, retry later"
             )
         if "shared memory region" in message.lower():
             return _RegionLost(f"Triton lost a shared memory region: {message}")
@@ -276,7 +278,7 @@ class TritonBackend:
                 *(client.is_model_ready(name, client_timeout=timeout) for name in self.models)
             )
         except (InferenceServerException, grpc.RpcError, grpc.aio.UsageError) as exc:
-            raise self._translate(exc, "the readiness check", client) from exc
+            raise self._translate(exc, "the readiness check", client, timeout) from exc
         missing = [name for name, ok in zip(self.models, ready, strict=True) if not ok]
         if missing:
             raise BackendUnavailable(

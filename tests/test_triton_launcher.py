@@ -150,6 +150,7 @@ def test_port_in_use_is_reported_before_starting(two_model_repository):
         with pytest.raises(TritonStartError, match=f"grpc {grpc} .* in use"):
             server.start()
         assert not server.running()
+        assert server.work_dir is None  # its temporary twin is gone too
 
 
 def _children(pid: int) -> set[int]:

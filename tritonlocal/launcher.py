@@ -41,6 +41,20 @@ def port_is_free(port: int, host: str = DEFAULT_HOST) -> bool:
     return True
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies do not count)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
 def _die_with_parent() -> None:
     """In the child: get SIGTERM when the launching thread dies, so no server is orphaned."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -131,9 +145,26 @@ class LocalTriton:
         ]
 
     def start(self, timeout: float = 60.0) -> LocalTriton:
-        """Write the twin, start the server and wait until it and every model are ready."""
+        """Write the twin, start the server and wait until it and every model are ready.
+
+        On failure nothing is left behind: no process, and no temporary work folder.
+        """
         if self.running():
             raise RuntimeError(f"Triton is already running (pid {self.process.pid})")
+        try:
+            self._launch(timeout)
+        except BaseException:
+            self.kill()
+            if self._log:
+                self._log.close()
+                self._log = None
+            if self._own_work_dir and self.work_dir:
+                shutil.rmtree(self.work_dir, ignore_errors=True)
+                self.work_dir = None
+            raise
+        return self
+
+    def _launch(self, timeout: float) -> None:
         install = self._install or prepare()
         self._install = install
         if self.work_dir is None:
@@ -167,12 +198,7 @@ class LocalTriton:
             # PDEATHSIG fires when the launching *thread* exits: only safe from the main thread.
             preexec_fn=_die_with_parent if in_main_thread else None,
         )
-        try:
-            self._wait_ready(timeout)
-        except BaseException:
-            self.kill()
-            raise
-        return self
+        self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
         url = f"http://{self.host}:{self.ports['http']}/v2/health/ready"
@@ -232,6 +258,10 @@ class LocalTriton:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # the server's group: it and its stubs
         code = process.wait()
+        # The stubs are not our children: wait until the kernel has actually ended them.
+        deadline = time.monotonic() + 5
+        while _group_alive(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
         self.process = None
         if self._log:
             self._log.close()

@@ -6,12 +6,14 @@ change it) so load tests never collide with other suites running on the same mac
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,15 @@ def free_ports(count: int) -> list[int]:
     raise RuntimeError(f"fewer than {count} free ports in {port_range()}")
 
 
+def in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the parent dies, so no server outlives its test."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class FrontEnd:
     """``python -m server ARGS`` on a free port of our range; a context manager.
 
@@ -87,6 +98,9 @@ class FrontEnd:
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 start_new_session=True,  # a Ctrl-C in the terminal reaches us, not it directly
+                # If we are killed, so is the server (from the main thread only: PDEATHSIG
+                # fires when the launching thread exits).
+                preexec_fn=_die_with_parent if in_main_thread() else None,
             )
         deadline = time.monotonic() + self.start_timeout
         while True:

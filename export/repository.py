@@ -8,6 +8,8 @@ used with the CPU ``tritonserver`` here.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -126,13 +128,33 @@ def write_model(
             return model_dir / str(version) / "model.onnx"
         # The model exists: swap in the new version folder, then the small files.
         target = model_dir / str(version)
-        retired = None
-        if target.exists():
-            retired = staging / f"old-{version}"
-            os.rename(target, retired)
-        os.rename(version_dir, target)
+        if not (target.exists() and _exchange(version_dir, target)):
+            if target.exists():  # no atomic exchange here: a short window without the version
+                os.rename(target, staging / f"old-{version}")
+            os.rename(version_dir, target)
         os.replace(staging / "labels.txt", model_dir / "labels.txt")
         os.replace(staging / "config.pbtxt", model_dir / "config.pbtxt")
         return target / "model.onnx"
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Replacing a version folder with two renames leaves the model without that version for an
+    instant; an export killed then leaves a repository the server refuses to load. Returns
+    False where the call is not available, so the caller falls back to the two renames.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.EXDEV, errno.ENOTSUP):
+        return False
+    raise OSError(error, os.strerror(error), str(a), None, str(b))

@@ -27,6 +27,7 @@ SMALL_FLAGS = ["--width", "0.125", "--fc-width", "128", "--crop", "64"]
 def export_random(workdir: Path, arch: str, name: str, small: bool) -> Path:
     """Export ``arch`` with seeded random weights (full size or the small test variant)."""
     repo = workdir / "repo"
+    workdir.mkdir(parents=True, exist_ok=True)
     if (repo / name / "1" / "model.onnx").is_file():
         return repo
     torch.manual_seed(0)

@@ -42,3 +42,16 @@ TRITON_METRICS_PORT ?= 8002
 triton: venv
 	$(PY) -m tritonlocal --repository $(MODEL_REPOSITORY) --http-port $(TRITON_HTTP_PORT) \
 		--grpc-port $(TRITON_GRPC_PORT) --metrics-port $(TRITON_METRICS_PORT)
+
+# Locust against the HTTP front end (loadtest/run.sh --help): a server on a free port of
+# 17000-17999 (two small VGGs unless LOADTEST_ARGS names --repository), Locust headless, CSV
+# statistics and p50/p95/p99 in loadtest/results/. soak: 10 minutes, RSS and open files must
+# stay flat after warm-up (figures in RELIABILITY.md).
+LOADTEST_ARGS ?=
+
+.PHONY: loadtest soak
+loadtest: venv
+	loadtest/run.sh $(LOADTEST_ARGS)
+
+soak: venv
+	loadtest/run.sh --soak $(LOADTEST_ARGS)

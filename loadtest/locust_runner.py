@@ -126,6 +126,20 @@ def read_failures(csv_prefix: Path) -> list[dict[str, str]]:
         return []
 
 
+def read_history(csv_prefix: Path) -> list[tuple[float, int, int]]:
+    """``(unix time, requests so far, failures so far)`` per second, from the history CSV."""
+    rows = []
+    try:
+        with open(f"{csv_prefix}_stats_history.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                if row["Name"] == "Aggregated":
+                    rows.append((float(row["Timestamp"]), int(row["Total Request Count"]),
+                                 int(row["Total Failure Count"])))  # fmt: skip
+    except FileNotFoundError:
+        pass
+    return rows
+
+
 def format_summary(summary: LoadSummary) -> str:
     """A small table: requests, failures, requests/s and p50/p95/p99 per endpoint."""
     lines = [

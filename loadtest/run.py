@@ -26,8 +26,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loadtest.locust_runner import format_summary, read_failures, read_stats, start_locust
-from loadtest.monitor import ResourceMonitor, growth
+from loadtest.locust_runner import (
+    format_summary,
+    read_failures,
+    read_history,
+    read_stats,
+    start_locust,
+)
+from loadtest.monitor import ResourceMonitor, Sample, growth
 from loadtest.processes import ROOT, FrontEnd, free_ports
 from loadtest.small_models import SCALES, export_small_models
 
@@ -87,6 +93,31 @@ def start_triton(repository: Path, work_dir: Path):
 
     http, grpc, metrics = free_ports(3)
     return LocalTriton(repository, http, grpc, metrics, work_dir=work_dir).start()
+
+
+def timeline(
+    samples: list[Sample], history: list[tuple[float, int, int]], started: float, every_s: float
+) -> str:
+    """A row per ``every_s``: requests/s and failures in that interval, RSS and open files."""
+    names = list(dict.fromkeys(s.process for s in samples))
+    header = f"{'time':>6} {'req/s':>6} {'failed':>6} " + " ".join(
+        f"{name + ' MB':>16} {'files':>5}" for name in names
+    )
+    lines = [header]
+    end = max([s.elapsed_s for s in samples] + [t - started for t, _, _ in history] + [0.0])
+    mark, previous = every_s, (0, 0)
+    while mark <= end + 1e-6:
+        done = [(n, f) for t, n, f in history if t - started <= mark] or [(0, 0)]
+        requests, failures = done[-1]
+        cells = []
+        for name in names:
+            near = [s for s in samples if s.process == name and s.elapsed_s <= mark]
+            cells.append(f"{near[-1].rss_mb:>16.0f} {near[-1].open_fds:>5}" if near else " " * 22)
+        lines.append(f"{mark / 60:>5.0f}m {(requests - previous[0]) / every_s:>6.2f} "
+                     f"{failures - previous[1]:>6} " + " ".join(cells))  # fmt: skip
+        previous = (requests, failures)
+        mark += every_s
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: RSS {samples[0].rss_mb:.0f} -> {samples[-1].rss_mb:.0f} MB "
               f"(peak {max(s.rss_mb for s in samples):.0f}), open files {samples[0].open_fds} -> "
               f"{samples[-1].open_fds} (peak {max(s.open_fds for s in samples)})")  # fmt: skip
+    if args.soak:
+        every = 60.0
+        table = timeline(monitor.samples, read_history(csv_prefix), started, every)
+        (out / "timeline.txt").write_text(table + "\n")
+        print(table)
     if args.soak or args.warmup_s:
         try:
             growths = growth(monitor.samples, args.warmup_s)

@@ -28,6 +28,19 @@ lint: venv
 imagenet-models: venv
 	$(PY) export/to_onnx.py --repository $(MODEL_REPOSITORY)
 
+# Models for the main job: what the repository already holds; else torchvision's ImageNet VGG-16
+# and VGG-19 (cache or download); else, offline, the demo models trained here (make demo-models).
+models: venv
+	@if ls $(MODEL_REPOSITORY)/*/config.pbtxt >/dev/null 2>&1; then \
+		echo "models in $(MODEL_REPOSITORY): $$(ls $(MODEL_REPOSITORY))"; \
+	elif $(PY) export/to_onnx.py --repository $(MODEL_REPOSITORY); then :; \
+	else echo "no ImageNet weights here: training the demo models instead (make demo-models)"; \
+		$(MAKE) demo-models; fi
+
+# The main job: the HTTP front end on the embedded ONNX Runtime backend.
+serve: models
+	$(PY) -m server --repository $(MODEL_REPOSITORY) --host $(HOST) --port $(PORT) $(SERVE_FLAGS)
+
 clean-models:
 	rm -rf $(MODEL_REPOSITORY)/*/
 

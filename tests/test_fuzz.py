@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import socket
 import time
+from collections import Counter
 
 import httpx
 import pytest
@@ -26,6 +27,7 @@ DOCUMENTED = {200, 400, 413, 415, 422}
 SCALE = 64
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 MAX_RSS_GROWTH_MB = 150
+STATUSES: Counter[str] = Counter()  # what the run got, printed by the last test (pytest -s)
 
 
 def _seed(fmt: str) -> bytes:
@@ -69,6 +71,7 @@ def client(server):
 
 def assert_documented(response: httpx.Response, expected: Expected | None = None) -> None:
     """A documented status with a JSON body: the result, or ``{"detail": "..."}``."""
+    STATUSES[f"{response.request.url.path} {response.status_code}"] += 1
     assert response.status_code in DOCUMENTED, (response.status_code, response.text[:500])
     body = response.json()
     if response.status_code == 200 and expected is not None:
@@ -247,3 +250,5 @@ def test_server_is_whole_after_the_fuzzing(server, client):
     grown_mb = (now.rss_bytes - server.baseline.rss_bytes) / 2**20
     assert grown_mb < MAX_RSS_GROWTH_MB, f"RSS grew by {grown_mb:.0f} MB"
     assert now.open_fds <= server.baseline.open_fds + 5, (server.baseline, now)
+    print(f"fuzz: {dict(sorted(STATUSES.items()))}; RSS {grown_mb:+.0f} MB, open files "
+          f"{server.baseline.open_fds} -> {now.open_fds}")  # fmt: skip

@@ -157,4 +157,6 @@ def test_server_survived_the_run_with_bounded_memory(api_server):
         assert STATUSES[seen] > 0, (seen, STATUSES)
     assert "vggserve_in_flight_requests 0.0" in metrics  # nothing left hanging
     growth_mb = (sample_resources(api_server.pid).rss_bytes - api_server.rss_at_start) / 2**20
+    print(f"Schemathesis: {sum(STATUSES.values())} requests, statuses "
+          f"{dict(sorted(STATUSES.items()))}; RSS {growth_mb:+.0f} MB")  # fmt: skip
     assert growth_mb < MAX_RSS_GROWTH_MB, f"RSS grew by {growth_mb:.0f} MB"

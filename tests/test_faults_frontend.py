@@ -112,8 +112,9 @@ def test_sigterm_under_load_finishes_in_flight_refuses_new_and_exits_in_time(
                 time.sleep(0.3)  # the batches are received and being classified
                 term_at = time.time()
                 front.terminate()
-                time.sleep(0.3)
-                assert refused(front.port), "a new connection was accepted after SIGTERM"
+                # The listening socket closes as soon as the server handles the signal.
+                wait_for(lambda: refused(front.port), "new connections refused after SIGTERM", 5)
+                refused_after = time.time() - term_at
                 for batch in batches:  # in flight: answered in full
                     response = batch.result()
                     assert response.status_code == 200, response.text
@@ -142,8 +143,9 @@ def test_sigterm_under_load_finishes_in_flight_refuses_new_and_exits_in_time(
             assert record["status"] == 0, record
     in_flight = [r for r in records if r["t"] - r["ms"] / 1000 < term_at < r["t"]]
     print(f"SIGTERM under load: {len(records)} requests, {len(in_flight)} Locust requests in "
-          f"flight at SIGTERM (+ 2 batches and a slow upload) all answered; exit "
-          f"{exited_after:.2f} s after SIGTERM")  # fmt: skip
+          f"flight at SIGTERM (+ 2 batches and a slow upload) all answered; new connections "
+          f"refused {refused_after:.2f} s after SIGTERM; exit {exited_after:.2f} s after "
+          "SIGTERM")  # fmt: skip
 
 
 def test_grace_period_bounds_the_exit_when_a_request_outlasts_it(two_model_repository, tmp_path):
@@ -160,7 +162,8 @@ def test_grace_period_bounds_the_exit_when_a_request_outlasts_it(two_model_repos
         exited_after = time.monotonic() - term_at
         upload.join(15)
     assert code in (0, -15), front.log_tail()
-    assert exited_after < 1 + 2, f"exit took {exited_after:.1f} s with a 1 s grace period"
+    # 1 s of grace, then cancelling, the app's shutdown and the interpreter's exit.
+    assert exited_after < 1 + 4, f"exit took {exited_after:.1f} s with a 1 s grace period"
     assert not upload.answer.startswith(b"HTTP/1.1 200")  # it was cut, not answered
 
 

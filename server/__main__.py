@@ -14,6 +14,7 @@ from pathlib import Path
 
 from inference import DEFAULT_SCALES, OptionError, RepositoryError
 from server.engine import StartupError
+from server.heap import fix_mmap_threshold
 from server.settings import BACKENDS, Settings, parse_int_list, parse_name_list
 
 # Request line + headers of one request; browsers send a few KB, cookies included.
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     """Start the server; a start that cannot work exits non-zero with one line on stderr."""
     settings, log_level, grace_period = parse_args(argv)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")
+    fix_mmap_threshold()  # before any image buffer is allocated
     try:
         from server.main import create_app
 

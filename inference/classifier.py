@@ -28,6 +28,7 @@ from inference.protocol import (
 from inference.repository import ModelEntry
 
 MODES = ("dense", "multicrop", "both")
+DEFAULT_TOP_K = 5
 MAX_SCALE = 1024
 # A rescaled view larger than this is refused: a 20000x20 strip at Q=512 would be 262 MP.
 DEFAULT_MAX_RESCALED_PIXELS = 4_000_000
@@ -54,7 +55,7 @@ class ClassifyOptions:
     scales: tuple[int, ...] | None = None
     flip: bool = True
     models: tuple[str, ...] | None = None
-    top_k: int = 5
+    top_k: int | None = None  # None: 5, or every class of a model with fewer
     heatmap: bool = False
     mode: str = "dense"
 
@@ -134,15 +135,16 @@ class Classifier:
         if len(set(scales)) != len(scales):
             raise OptionError("scales", "a scale is listed twice")
         num_classes = self.models[names[0]].num_classes
-        if not 1 <= options.top_k <= num_classes:
-            raise OptionError("top_k", f"must be between 1 and {num_classes}, got {options.top_k}")
+        k = min(DEFAULT_TOP_K, num_classes) if options.top_k is None else options.top_k
+        if not 1 <= k <= num_classes:
+            raise OptionError("top_k", f"must be between 1 and {num_classes}, got {k}")
         if options.mode not in MODES:
             raise OptionError("mode", f"must be one of {', '.join(MODES)}, got {options.mode!r}")
         return ClassifyOptions(
             scales=scales,
             flip=options.flip,
             models=names,
-            top_k=options.top_k,
+            top_k=k,
             heatmap=options.heatmap,
             mode=options.mode,
         )

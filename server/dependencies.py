@@ -39,7 +39,10 @@ State = Annotated[ServerState, Depends(get_state)]
 
 def classify_options(
     state: State,
-    top_k: Annotated[int, Query(description="how many classes to return (1..classes)")] = 5,
+    top_k: Annotated[
+        int | None,
+        Query(description="how many classes to return (1..classes; default 5, or all if fewer)"),
+    ] = None,
     scales: Annotated[
         str | None,
         Query(

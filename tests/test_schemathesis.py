@@ -23,7 +23,7 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-from schemathesis.checks import positive_data_acceptance
+from schemathesis.checks import negative_data_rejection, positive_data_acceptance
 
 from loadtest.imageset import build_image_set
 from loadtest.processes import FrontEnd, sample_resources
@@ -124,7 +124,12 @@ def _call_and_check(case, api_server) -> None:
     response = case.call(timeout=60)
     STATUSES[f"{case.method} {case.path} {response.status_code}"] += 1
     assert response.status_code < 500, (response.status_code, response.text[:500])
-    case.validate_response(response, excluded_checks=[positive_data_acceptance])
+    excluded = [positive_data_acceptance]
+    if case.path.endswith("/batch"):
+        # By design a batch answers 200 with a per-file error for each file that is not an
+        # image, so "schema-violating" file parts (numbers instead of bytes) are not refused whole.
+        excluded.append(negative_data_rejection)
+    case.validate_response(response, excluded_checks=excluded)
     assert api_server.alive(), api_server.log_tail()
 
 

@@ -68,3 +68,10 @@ loadtest: venv
 
 soak: venv
 	loadtest/run.sh --soak $(LOADTEST_ARGS)
+
+# Demo weights without ImageNet: draw a synthetic multi-scale set, train two small VGGs (D and
+# E with batch-norm, 1/8 width) on it and export them as demo-vgg16 and demo-vgg19. Every step
+# is skipped when its result exists; about 8 minutes on 2 idle cores (README, "Training").
+.PHONY: demo-models
+demo-models: venv
+	$(PY) -m train.demo --data data/synthetic --runs runs --repository $(MODEL_REPOSITORY)

@@ -1,0 +1,199 @@
+"""Real training runs of a tiny VGG: exact resume after SIGKILL and SIGTERM, DDP on two CPU
+processes equal to one process, and a trained checkpoint that exports and serves."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from inference.backends.onnxruntime import OnnxRuntimeBackend
+from inference.classifier import Classifier, ClassifyOptions
+from inference.repository import read_repository
+from train.data import load_rgb, scan_folder
+from train.synthetic import SyntheticConfig, generate
+from vgg.checkpoint import load_weights
+
+from .conftest import ROOT
+from .reference import protocol_probs
+
+# VGG-A with batch-norm at 1/16 width: every part of the recipe (batch-norm, dropout, scale
+# jittering, colour shift) in a net that takes milliseconds per step.
+TINY = ["--arch", "vgg11_bn", "--width", "0.0625", "--fc-width", "32", "--crop", "32",
+        "--scale", "32:48", "--batch-size", "8", "--lr", "0.02", "--lr-scheduler", "cosine",
+        "--warmup-epochs", "0.5", "--init", "kaiming", "--normalize", "mean-std",
+        "--stats-images", "16", "--val-images", "6", "--threads", "1", "--no-progress"]  # fmt: skip
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    config = SyntheticConfig(classes=3, train=48, val=9, seed=5)
+    return generate(
+        tmp_path_factory.mktemp("tiny") / "data", config, workers=1, log=lambda _m: None
+    )
+
+
+def train_command(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "train", "--data", str(data), "--output-dir", str(out),
+            *TINY, *extra]  # fmt: skip
+
+
+def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=ENV,
+                            timeout=timeout)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Bitwise-equal weights, optimiser state and learning-curve history."""
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for index, state in a["optimizer"]["state"].items():
+        assert torch.equal(
+            state["momentum_buffer"], b["optimizer"]["state"][index]["momentum_buffer"]
+        )
+    assert a["scheduler"] == b["scheduler"]
+    strip = ("images_per_s", "epoch_s", "val_s")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in a["history"]] == [
+        {k: v for k, v in r.items() if k not in strip} for r in b["history"]
+    ]
+
+
+def start(command: list[str]) -> subprocess.Popen:
+    # Its own session: the signal goes to the trainer and its loader workers, as Ctrl-C would.
+    return subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+
+
+def wait_for_checkpoints(process: subprocess.Popen, path: Path, count: int) -> None:
+    """Return once ``path`` has been (re)written ``count`` times while ``process`` runs."""
+    seen, last = 0, None
+    deadline = time.monotonic() + 240
+    while seen < count:
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        try:
+            stamp = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            stamp = None
+        if stamp is not None and stamp != last:
+            seen, last = seen + 1, stamp
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    run(train_command(data, out, "--epochs", "3", "--save-every-steps", "2", "--workers", "1"))
+    return out
+
+
+def test_killed_run_resumes_exactly(data, uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    command = train_command(data, out, "--epochs", "3", "--save-every-steps", "2", "--workers", "1")
+    process = start(command)
+    wait_for_checkpoints(process, out / "last.pth", 2)  # mid-way through epoch 1
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    saved = checkpoint(out / "last.pth")
+    assert (saved["epoch"], saved["finished"]) < (3, True)
+
+    resumed = run(command)
+    assert f"resuming {out} at epoch {saved['epoch'] + 1}, step {saved['step']}" in resumed.stderr
+    assert_same_state(checkpoint(uninterrupted / "last.pth"), checkpoint(out / "last.pth"))
+    best, best_again = checkpoint(uninterrupted / "best.pth"), checkpoint(out / "best.pth")
+    assert best["epoch"] == best_again["epoch"]
+    assert all(torch.equal(best["model"][k], best_again["model"][k]) for k in best["model"])
+
+    again = run(command)  # a finished run: nothing to do
+    assert "already finished" in again.stderr
+
+
+def test_sigterm_saves_and_the_same_command_continues(data, uninterrupted, tmp_path):
+    out = tmp_path / "terminated"
+    command = train_command(data, out, "--epochs", "3", "--save-every-steps", "2", "--workers", "1")
+    process = start(command)
+    wait_for_checkpoints(process, out / "last.pth", 3)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "run the same command to continue" in stderr
+    assert "Traceback" not in stderr
+    run(command)
+    assert_same_state(checkpoint(uninterrupted / "last.pth"), checkpoint(out / "last.pth"))
+    assert (out / "metrics.jsonl").read_text() != ""
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_two_cpu_processes_equal_one_at_the_same_global_batch(data, tmp_path):
+    flags = ["--epochs", "1", "--workers", "0", "--val-every", "1"]
+    run(train_command(data, tmp_path / "one", *flags))
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "train", *train_command(data, tmp_path / "two", *flags)[3:]]  # fmt: skip
+    result = run(two)
+    assert "2 process(es) on cpu" in result.stderr
+    one, both = checkpoint(tmp_path / "one" / "last.pth"), checkpoint(tmp_path / "two" / "last.pth")
+    assert both["world_size"] == 2
+    worst = max((one["model"][k].double() - both["model"][k].double()).abs().max().item()
+                for k in one["model"] if one["model"][k].is_floating_point())  # fmt: skip
+    assert worst < 1e-6
+    moved = max(
+        (one["model"][k].double() - torch.zeros(1)).abs().max().item() for k in one["model"]
+    )
+    assert moved > 0
+    assert one["history"][0]["train_loss"] == pytest.approx(
+        both["history"][0]["train_loss"], abs=1e-6
+    )
+    assert one["history"][0]["val_top1_err"] == both["history"][0]["val_top1_err"]
+
+
+def test_trained_checkpoint_exports_and_serves(data, uninterrupted, tmp_path):
+    best = uninterrupted / "best.pth"
+    repository = tmp_path / "repo"
+    export = subprocess.run(
+        [sys.executable, str(ROOT / "export" / "to_onnx.py"), "--weights", str(best), "--name",
+         "tiny", "--repository", str(repository)],
+        capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300,
+    )  # fmt: skip
+    assert export.returncode == 0, export.stderr
+    models = read_repository(repository)
+    entry = models["tiny"]
+    val = scan_folder(data / "val")
+    assert entry.labels == val.classes  # class names travel with the checkpoint
+    assert entry.min_size == 32
+    loaded = load_weights(best)
+
+    scales = (32, 40, 48)  # the scales it was validated at
+    classifier = Classifier(OnnxRuntimeBackend(models, threads=1), models, default_scales=scales)
+    posteriors = np.load(uninterrupted / "posteriors.npz")
+    for index in range(3):
+        image = load_rgb(val.samples[index][0])
+        served = asyncio.run(classifier.classify(image, ClassifyOptions(top_k=3)))
+        expected = protocol_probs([loaded.model], image, scales, True, loaded.mean, loaded.std)
+        assert np.abs(served.probabilities - expected).max() < 1e-5
+        # the validation during training measured exactly what is served
+        validated = np.mean([posteriors[f"Q{q}"][index] for q in scales], axis=0)
+        assert np.abs(served.probabilities - validated).max() < 1e-5
+        assert served.predictions[0].label in val.classes
+
+    # the server's default scales work too: any Q >= the crop
+    image = load_rgb(val.samples[0][0])
+    wide = asyncio.run(classifier.classify(image, ClassifyOptions(scales=(256, 384, 512))))
+    expected = protocol_probs([loaded.model], image, (256, 384, 512), True, loaded.mean, loaded.std)
+    assert np.abs(wide.probabilities - expected).max() < 1e-5

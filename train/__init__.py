@@ -1,0 +1,7 @@
+"""Training VGG with the paper's recipe (section 3.1), and a synthetic data set to train it on.
+
+``python -m train`` trains (one device, or many with torchrun), ``python -m train.synthetic``
+draws the synthetic multi-scale data set, ``python -m train.evaluate`` measures checkpoints with
+the serving protocol, and ``python -m train.demo`` makes the demo models (``make demo-models``).
+Imports ``vgg``, ``inference`` and ``export.graph`` only.
+"""

@@ -1,0 +1,171 @@
+"""``make demo-models``: two small VGGs trained on the synthetic set, exported for serving.
+
+    python -m train.demo                       # data/synthetic, runs/demo-*, model_repository/
+
+Steps, each skipped when its result is already there (so the command is idempotent):
+
+1. draw the synthetic data set (``train.synthetic``) into ``data/synthetic``;
+2. train ``demo-vgg16`` (configuration D with batch-norm, 1/8 width, FC 512, 64x64 crops),
+   first at a fixed S=64, then fine-tuned with scale jittering S in [64, 128] (the paper
+   pre-trains at a fixed S and fine-tunes the multi-scale nets);
+3. train ``demo-vgg19`` (E with batch-norm) the same way, its first four conv layers and three
+   FC layers taken from the trained D (the paper's initialisation from a shallower trained net);
+4. export both with ``export/to_onnx.py`` into the model repository, with their class names;
+5. report the dense multi-scale error of each net and of their fusion on the validation set.
+
+The nets are trained at S in [64, 128] with 64x64 crops and evaluated at Q = {64, 96, 128}
+(Smin, the middle, Smax: paper section 4.2); serve them at those scales (``--scales 64,96,128``).
+The graphs accept any Q >= 64, the server's default {256, 384, 512} included, but objects then
+appear 2-4 times larger than in training and the error rises (see README, "Training").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from inference.protocol import average_posteriors
+from train.evaluate import error_rates
+from train.recipe import FINAL_FILE, POSTERIORS_FILE
+from train.recipe import main as train_main
+from train.reporting import log
+from train.synthetic import SyntheticConfig, generate
+
+ROOT = Path(__file__).resolve().parents[1]
+SCALES = (64, 96, 128)
+DATA = SyntheticConfig(classes=10, train=10000, val=1000, seed=0)
+
+# Flags shared by all runs: the recipe's defaults except where a 2-core CPU and a few minutes
+# call for something else (README, "Training", says why for each).
+COMMON = [
+    "--width", "0.125", "--fc-width", "512", "--crop", "64", "--batch-size", "32",
+    "--lr-scheduler", "cosine", "--dropout", "0", "--init", "kaiming", "--normalize", "mean-std",
+]  # fmt: skip
+# Single-scale training at S=64 first (the paper pre-trains at a fixed S, then fine-tunes with
+# jittering), validated at Q=64 only, which is cheap.
+SINGLE = ["--scale", "64", "--val-scale", "64", "--val-scales", "64", "--lr", "0.02",
+          "--warmup-epochs", "0.5", "--val-every", "1", "--val-images", "100"]  # fmt: skip
+# Scale-jittering fine-tuning, validated with the dense multi-scale protocol.
+JITTER = ["--scale", "64:128", "--val-scale", "96", "--val-scales", ",".join(map(str, SCALES)),
+          "--lr", "0.005", "--val-every", "1", "--val-images", "100"]  # fmt: skip
+# run name -> flags; "{runs}" is the runs folder. The exported runs are the MODELS.
+RUNS = {
+    "demo-vgg16-s64": ["--arch", "vgg16_bn", "--epochs", "3", *SINGLE],
+    "demo-vgg16": ["--arch", "vgg16_bn", "--epochs", "3", *JITTER,
+                   "--finetune-from", "{runs}/demo-vgg16-s64/best.pth"],
+    # E starts from D's first four conv layers and three FC layers (paper section 3.1).
+    "demo-vgg19-s64": ["--arch", "vgg19_bn", "--epochs", "2", *SINGLE,
+                       "--init-from", "{runs}/demo-vgg16-s64/best.pth"],
+    "demo-vgg19": ["--arch", "vgg19_bn", "--epochs", "3", *JITTER,
+                   "--finetune-from", "{runs}/demo-vgg19-s64/best.pth"],
+}  # fmt: skip
+MODELS = ("demo-vgg16", "demo-vgg19")
+
+
+def export(name: str, weights: Path, repository: Path) -> None:
+    """Export ``weights`` as model ``name`` unless the repository already has this version."""
+    onnx_path = repository / name / "1" / "model.onnx"
+    if onnx_path.is_file() and onnx_path.stat().st_mtime >= weights.stat().st_mtime:
+        log(f"[{name}] {onnx_path} is up to date")
+        return
+    command = [sys.executable, str(ROOT / "export" / "to_onnx.py"), "--weights", str(weights),
+               "--name", name, "--repository", str(repository)]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT)
+    if result.returncode != 0:
+        raise SystemExit(f"error: exporting {name} failed (exit {result.returncode})")
+
+
+def summarise(runs: Path, names: list[str]) -> dict:
+    """Dense multi-scale errors of each net and of their fusion, from the final validations."""
+    rows, posteriors = {}, []
+    labels = None
+    for name in names:
+        final = json.loads((runs / name / FINAL_FILE).read_text())
+        saved = np.load(runs / name / POSTERIORS_FILE)
+        labels = saved["labels"]
+        probs = average_posteriors([saved[f"Q{q}"] for q in final["val_scales"]])
+        posteriors.append(probs)
+        rows[name] = {
+            "epoch": final["epoch"],
+            "single_scale": {
+                "Q": final["val_scale"],
+                "top1_err": final["val_top1_err"],
+                "top5_err": final["val_top5_err"],
+            },  # fmt: skip
+            "multi_scale": {
+                "Q": final["val_scales"],
+                "top1_err": final["val_multi_top1_err"],
+                "top5_err": final["val_multi_top5_err"],
+            },  # fmt: skip
+        }
+    top1, top5 = error_rates(average_posteriors(posteriors), labels)
+    rows["fusion"] = {"multi_scale": {"Q": list(SCALES), "top1_err": top1, "top5_err": top5}}
+    return {"images": int(len(labels)), "models": rows}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.demo",
+        description="Draw the synthetic set, train two small VGGs on it and export them.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--data", type=Path, default=Path("data/synthetic"),
+                        help="where the synthetic set is (or will be) drawn")  # fmt: skip
+    parser.add_argument("--runs", type=Path, default=Path("runs"),
+                        help="where training runs keep checkpoints and metrics")  # fmt: skip
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"),
+                        help="model repository to export into")  # fmt: skip
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars (default: when stderr is a terminal)")  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    timings = {}
+    try:
+        generate(args.data, DATA, log=log)
+    except (ValueError, FileExistsError) as exc:
+        log(f"error: {exc}")
+        return 2
+    timings["data"] = time.perf_counter() - started
+    progress = [] if args.progress is None else ["--progress" if args.progress else "--no-progress"]
+    for name, flags in RUNS.items():
+        step = time.perf_counter()
+        flags = [f.format(runs=args.runs) for f in flags]
+        log(f"[{name}] training")
+        code = train_main(["--data", str(args.data), "--output-dir", str(args.runs / name),
+                           *COMMON, *flags, *progress])  # fmt: skip
+        if code != 0:
+            log(
+                f"error: training {name} stopped (exit {code}); run make demo-models again to resume"
+            )
+            return code
+        timings[name] = time.perf_counter() - step
+    step = time.perf_counter()
+    for name in MODELS:
+        export(name, args.runs / name / "best.pth", args.repository)
+    timings["export"] = time.perf_counter() - step
+    summary = summarise(args.runs, list(MODELS))
+    summary["seconds"] = {k: round(v, 1) for k, v in timings.items()}
+    summary["seconds"]["total"] = round(time.perf_counter() - started, 1)
+    (args.runs / "demo-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(f"demo models in {args.repository} (serve them at --scales {','.join(map(str, SCALES))}); "
+        f"dense multi-scale top-1 error on {summary['images']} synthetic validation images:")  # fmt: skip
+    for name, row in summary["models"].items():
+        log(
+            f"  {name}: {row['multi_scale']['top1_err']:.2f}% (top-5 {row['multi_scale']['top5_err']:.2f}%)"
+        )
+    log(f"total {summary['seconds']['total']:.0f} s ({summary['seconds']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

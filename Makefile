@@ -37,9 +37,12 @@ models: venv
 	else echo "no ImageNet weights here: training the demo models instead (make demo-models)"; \
 		$(MAKE) demo-models; fi
 
-# The main job: the HTTP front end on the embedded ONNX Runtime backend.
+# The main job: the HTTP front end on the embedded ONNX Runtime backend. The demo models are
+# trained at S in [64, 128], so a repository of only demo models is served at Q = 64,96,128.
+DEMO_SCALES = $(shell ls $(MODEL_REPOSITORY) 2>/dev/null | grep -qv '^demo-' || echo --scales 64,96,128)
 serve: models
-	$(PY) -m server --repository $(MODEL_REPOSITORY) --host $(HOST) --port $(PORT) $(SERVE_FLAGS)
+	$(PY) -m server --repository $(MODEL_REPOSITORY) --host $(HOST) --port $(PORT) \
+		$(or $(SERVE_FLAGS),$(DEMO_SCALES))
 
 clean-models:
 	rm -rf $(MODEL_REPOSITORY)/*/

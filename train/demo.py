@@ -31,11 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from inference.protocol import average_posteriors
+from train.checkpoints import LAST, read
 from train.evaluate import error_rates
 from train.recipe import FINAL_FILE, POSTERIORS_FILE
 from train.recipe import main as train_main
 from train.reporting import log
-from train.synthetic import SyntheticConfig, generate
+from train.synthetic import MANIFEST, SyntheticConfig, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALES = (64, 96, 128)
@@ -68,17 +69,23 @@ RUNS = {
 MODELS = ("demo-vgg16", "demo-vgg19")
 
 
-def export(name: str, weights: Path, repository: Path) -> None:
+def _finished(run: Path) -> bool:
+    last = run / LAST
+    return last.is_file() and bool(read(last).get("finished")) and (run / FINAL_FILE).is_file()
+
+
+def export(name: str, weights: Path, repository: Path) -> bool:
     """Export ``weights`` as model ``name`` unless the repository already has this version."""
     onnx_path = repository / name / "1" / "model.onnx"
     if onnx_path.is_file() and onnx_path.stat().st_mtime >= weights.stat().st_mtime:
         log(f"[{name}] {onnx_path} is up to date")
-        return
+        return False
     command = [sys.executable, str(ROOT / "export" / "to_onnx.py"), "--weights", str(weights),
                "--name", name, "--repository", str(repository)]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT)
     if result.returncode != 0:
         raise SystemExit(f"error: exporting {name} failed (exit {result.returncode})")
+    return True
 
 
 def summarise(runs: Path, names: list[str]) -> dict:
@@ -131,14 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     timings = {}
     try:
+        fresh = not (args.data / MANIFEST).is_file()
         generate(args.data, DATA, log=log)
     except (ValueError, FileExistsError) as exc:
         log(f"error: {exc}")
         return 2
-    timings["data"] = time.perf_counter() - started
+    if fresh:
+        timings["data"] = time.perf_counter() - started
     progress = [] if args.progress is None else ["--progress" if args.progress else "--no-progress"]
     for name, flags in RUNS.items():
         step = time.perf_counter()
+        if _finished(args.runs / name):
+            log(f"[{name}] already trained ({args.runs / name})")
+            continue
         flags = [f.format(runs=args.runs) for f in flags]
         log(f"[{name}] training")
         code = train_main(["--data", str(args.data), "--output-dir", str(args.runs / name),
@@ -150,20 +162,22 @@ def main(argv: list[str] | None = None) -> int:
             return code
         timings[name] = time.perf_counter() - step
     step = time.perf_counter()
-    for name in MODELS:
-        export(name, args.runs / name / "best.pth", args.repository)
-    timings["export"] = time.perf_counter() - step
+    if any([export(name, args.runs / name / "best.pth", args.repository) for name in MODELS]):
+        timings["export"] = time.perf_counter() - step
     summary = summarise(args.runs, list(MODELS))
     summary["seconds"] = {k: round(v, 1) for k, v in timings.items()}
     summary["seconds"]["total"] = round(time.perf_counter() - started, 1)
-    (args.runs / "demo-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    path = args.runs / "demo-summary.json"
+    if timings or not path.is_file():  # a rerun with nothing to do keeps the first timings
+        path.write_text(json.dumps(summary, indent=2) + "\n")
     log(f"demo models in {args.repository} (serve them at --scales {','.join(map(str, SCALES))}); "
         f"dense multi-scale top-1 error on {summary['images']} synthetic validation images:")  # fmt: skip
     for name, row in summary["models"].items():
         log(
             f"  {name}: {row['multi_scale']['top1_err']:.2f}% (top-5 {row['multi_scale']['top5_err']:.2f}%)"
         )
-    log(f"total {summary['seconds']['total']:.0f} s ({summary['seconds']})")
+    if timings:
+        log(f"total {summary['seconds']['total']:.0f} s ({summary['seconds']})")
     return 0
 
 

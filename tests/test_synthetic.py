@@ -50,8 +50,12 @@ def test_imagefolder_layout_and_manifest(tiny_set):
 def test_same_seed_same_bytes_whatever_the_process_count(tiny_set, tmp_path):
     again = generate(tmp_path / "again", TINY, workers=2, log=lambda _m: None)
     assert tree(again) == tree(tiny_set)
-    other = generate(tmp_path / "other", SyntheticConfig(**{**TINY.__dict__, "seed": 4}),
-                     workers=1, log=lambda _m: None)  # fmt: skip
+    other = generate(
+        tmp_path / "other",
+        SyntheticConfig(**{**TINY.__dict__, "seed": 4}),
+        workers=1,
+        log=lambda _m: None,
+    )
     assert tree(other).keys() == tree(tiny_set).keys()
     assert tree(other) != tree(tiny_set)
 
@@ -89,8 +93,11 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused(tiny_set):
 def test_command_line_errors_are_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "train.synthetic", "--out", str(tmp_path / "x"), "--classes", "11"],
-        capture_output=True, text=True, cwd=ROOT, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "--classes must be between 1 and 10" in result.stderr

@@ -118,8 +118,9 @@ def test_colour_shift_is_one_vector_per_image_and_off_at_zero():
 
 
 def test_same_seed_same_sample():
-    augment = TrainAugmentation(64, 128, 64, lighting=Lighting((0.1, 0.01, 0.001),
-                                ((1, 0, 0), (0, 1, 0), (0, 0, 1))))  # fmt: skip
+    augment = TrainAugmentation(
+        64, 128, 64, lighting=Lighting((0.1, 0.01, 0.001), ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
+    )
     a = augment(gradient_image(), RNG([0, 13, 2, 5]))
     b = augment(gradient_image(), RNG([0, 13, 2, 5]))
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])

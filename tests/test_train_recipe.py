@@ -63,17 +63,28 @@ def test_bad_flags_are_refused(argv, message, capsys):
 
 
 def test_help_lists_every_flag_with_its_default():
-    result = subprocess.run([sys.executable, "-m", "train", "--help"], capture_output=True,
-                            text=True, cwd=ROOT, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "train", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
     for action in build_parser()._actions:
         if not action.option_strings or action.dest == "help":
             continue
         assert action.option_strings[0] in text
-    for shown in ("--batch-size BATCH_SIZE global mini-batch, split evenly over the processes "
-                  "(default: 256)", "(default: 0.9)", "(default: 0.0005)", "(default: 74)",
-                  "(default: plateau)", "(default: (256, 256))", "(default: 0.1)"):  # fmt: skip
+    for shown in (
+        "--batch-size BATCH_SIZE global mini-batch, split evenly over the processes (default: 256)",
+        "(default: 0.9)",
+        "(default: 0.0005)",
+        "(default: 74)",
+        "(default: plateau)",
+        "(default: (256, 256))",
+        "(default: 0.1)",
+    ):
         assert shown in text
 
 
@@ -89,7 +100,11 @@ def test_plateau_divides_by_ten_then_stops():
     resumed = LearningRate(kind="plateau", base_lr=0.01)
     resumed.load_state_dict(json.loads(json.dumps(schedule.state_dict())))
     assert (resumed.scale, resumed.drops, resumed.best, resumed.bad) == (
-        schedule.scale, schedule.drops, schedule.best, schedule.bad)  # fmt: skip
+        schedule.scale,
+        schedule.drops,
+        schedule.best,
+        schedule.bad,
+    )
 
 
 def test_cosine_and_warmup():
@@ -105,8 +120,13 @@ def test_normal_init_is_n_0_1e_2_with_zero_bias():
     torch.manual_seed(0)
     model = build("vgg11", width=0.5, fc_width=512, crop=64, num_classes=10)
     initialise(model, "normal")
-    weights = torch.cat([m.weight.flatten() for m in model.modules()
-                         if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)])  # fmt: skip
+    weights = torch.cat(
+        [
+            m.weight.flatten()
+            for m in model.modules()
+            if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)
+        ]
+    )
     assert abs(weights.std().item() - 1e-2) < 2e-4 and abs(weights.mean().item()) < 2e-4
     assert all(torch.all(m.bias == 0) for m in model.modules() if hasattr(m, "bias"))
 
@@ -119,8 +139,15 @@ def test_init_from_a_copies_its_first_four_convs_and_three_fc_layers():
     a, d = build("A", **small), build("D", **small)
     before = {k: v.clone() for k, v in d.state_dict().items()}
     copied = init_from(d, a)
-    assert copied == ["conv1_1", "conv2_1", "conv3_1", "conv3_2", "classifier.0",
-                      "classifier.3", "classifier.6"]  # fmt: skip
+    assert copied == [
+        "conv1_1",
+        "conv2_1",
+        "conv3_1",
+        "conv3_2",
+        "classifier.0",
+        "classifier.3",
+        "classifier.6",
+    ]
     index = dict(conv_layers(d.spec))
     a_index = dict(conv_layers(a.spec))
     for name in copied[:4]:

@@ -28,10 +28,37 @@ from .reference import protocol_probs
 
 # VGG-A with batch-norm at 1/16 width: every part of the recipe (batch-norm, dropout, scale
 # jittering, colour shift) in a net that takes milliseconds per step.
-TINY = ["--arch", "vgg11_bn", "--width", "0.0625", "--fc-width", "32", "--crop", "32",
-        "--scale", "32:48", "--batch-size", "8", "--lr", "0.02", "--lr-scheduler", "cosine",
-        "--warmup-epochs", "0.5", "--init", "kaiming", "--normalize", "mean-std",
-        "--stats-images", "16", "--val-images", "6", "--threads", "1", "--no-progress"]  # fmt: skip
+TINY = [
+    "--arch",
+    "vgg11_bn",
+    "--width",
+    "0.0625",
+    "--fc-width",
+    "32",
+    "--crop",
+    "32",
+    "--scale",
+    "32:48",
+    "--batch-size",
+    "8",
+    "--lr",
+    "0.02",
+    "--lr-scheduler",
+    "cosine",
+    "--warmup-epochs",
+    "0.5",
+    "--init",
+    "kaiming",
+    "--normalize",
+    "mean-std",
+    "--stats-images",
+    "16",
+    "--val-images",
+    "6",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
 
 
@@ -44,13 +71,27 @@ def data(tmp_path_factory) -> Path:
 
 
 def train_command(data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "train", "--data", str(data), "--output-dir", str(out),
-            *TINY, "--epochs", "2", "--save-every-steps", "1", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "train",
+        "--data",
+        str(data),
+        "--output-dir",
+        str(out),
+        *TINY,
+        "--epochs",
+        "2",
+        "--save-every-steps",
+        "1",
+        *extra,
+    ]
 
 
 def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=ENV,
-                            timeout=timeout)  # fmt: skip
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=timeout
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -60,8 +101,10 @@ def checkpoint(path: Path) -> dict:
 
 
 def without_timings(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in ("images_per_s", "epoch_s", "val_s")}
-            for row in history]  # fmt: skip
+    return [
+        {k: v for k, v in row.items() if k not in ("images_per_s", "epoch_s", "val_s")}
+        for row in history
+    ]
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -79,8 +122,15 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 def start(command: list[str]) -> subprocess.Popen:
     # Its own session: the signal goes to the trainer and its loader workers, as Ctrl-C would.
-    return subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for_checkpoints(process: subprocess.Popen, path: Path, count: int) -> None:
@@ -144,14 +194,26 @@ def test_sigterm_then_sigkill_and_the_same_command_ends_with_the_same_weights(
 
 
 def test_two_cpu_processes_equal_one_at_the_same_global_batch(data, uninterrupted, tmp_path):
-    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "train", *train_command(data, tmp_path / "two", "--workers", "0")[3:]]  # fmt: skip
+    two = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "train",
+        *train_command(data, tmp_path / "two", "--workers", "0")[3:],
+    ]
     result = run(two)
     assert "2 process(es) on cpu" in result.stderr
     one, both = checkpoint(uninterrupted / "last.pth"), checkpoint(tmp_path / "two" / "last.pth")
     assert both["world_size"] == 2 and one["world_size"] == 1
-    worst = max((one["model"][k].double() - both["model"][k].double()).abs().max().item()
-                for k in one["model"] if one["model"][k].is_floating_point())  # fmt: skip
+    worst = max(
+        (one["model"][k].double() - both["model"][k].double()).abs().max().item()
+        for k in one["model"]
+        if one["model"][k].is_floating_point()
+    )
     assert worst < 1e-6
     for a, b in zip(one["history"], both["history"], strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
@@ -162,10 +224,22 @@ def test_trained_checkpoint_exports_and_serves(data, uninterrupted, tmp_path):
     best = uninterrupted / "best.pth"
     repository = tmp_path / "repo"
     export = subprocess.run(
-        [sys.executable, str(ROOT / "export" / "to_onnx.py"), "--weights", str(best), "--name",
-         "tiny", "--repository", str(repository)],
-        capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "export" / "to_onnx.py"),
+            "--weights",
+            str(best),
+            "--name",
+            "tiny",
+            "--repository",
+            str(repository),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        timeout=300,
+    )
     assert export.returncode == 0, export.stderr
     models = read_repository(repository)
     entry = models["tiny"]

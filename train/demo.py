@@ -45,27 +45,88 @@ DATA = SyntheticConfig(classes=10, train=10000, val=1000, seed=0)
 # Flags shared by all runs: the recipe's defaults except where a 2-core CPU and a few minutes
 # call for something else (README, "Training", says why for each).
 COMMON = [
-    "--width", "0.125", "--fc-width", "512", "--crop", "64", "--batch-size", "32",
-    "--lr-scheduler", "cosine", "--dropout", "0", "--init", "kaiming", "--normalize", "mean-std",
-]  # fmt: skip
+    "--width",
+    "0.125",
+    "--fc-width",
+    "512",
+    "--crop",
+    "64",
+    "--batch-size",
+    "32",
+    "--lr-scheduler",
+    "cosine",
+    "--dropout",
+    "0",
+    "--init",
+    "kaiming",
+    "--normalize",
+    "mean-std",
+]
 # Single-scale training at S=64 first (the paper pre-trains at a fixed S, then fine-tunes with
 # jittering), validated at Q=64 only, which is cheap.
-SINGLE = ["--scale", "64", "--val-scale", "64", "--val-scales", "64", "--lr", "0.02",
-          "--warmup-epochs", "0.5", "--val-every", "1", "--val-images", "100"]  # fmt: skip
+SINGLE = [
+    "--scale",
+    "64",
+    "--val-scale",
+    "64",
+    "--val-scales",
+    "64",
+    "--lr",
+    "0.02",
+    "--warmup-epochs",
+    "0.5",
+    "--val-every",
+    "1",
+    "--val-images",
+    "100",
+]
 # Scale-jittering fine-tuning, validated with the dense multi-scale protocol.
-JITTER = ["--scale", "64:128", "--val-scale", "96", "--val-scales", ",".join(map(str, SCALES)),
-          "--lr", "0.005", "--val-every", "1", "--val-images", "100"]  # fmt: skip
+JITTER = [
+    "--scale",
+    "64:128",
+    "--val-scale",
+    "96",
+    "--val-scales",
+    ",".join(map(str, SCALES)),
+    "--lr",
+    "0.005",
+    "--val-every",
+    "1",
+    "--val-images",
+    "100",
+]
 # run name -> flags; "{runs}" is the runs folder. The exported runs are the MODELS.
 RUNS = {
     "demo-vgg16-s64": ["--arch", "vgg16_bn", "--epochs", "3", *SINGLE],
-    "demo-vgg16": ["--arch", "vgg16_bn", "--epochs", "3", *JITTER,
-                   "--finetune-from", "{runs}/demo-vgg16-s64/best.pth"],
+    "demo-vgg16": [
+        "--arch",
+        "vgg16_bn",
+        "--epochs",
+        "3",
+        *JITTER,
+        "--finetune-from",
+        "{runs}/demo-vgg16-s64/best.pth",
+    ],
     # E starts from D's first four conv layers and three FC layers (paper section 3.1).
-    "demo-vgg19-s64": ["--arch", "vgg19_bn", "--epochs", "2", *SINGLE,
-                       "--init-from", "{runs}/demo-vgg16-s64/best.pth"],
-    "demo-vgg19": ["--arch", "vgg19_bn", "--epochs", "3", *JITTER,
-                   "--finetune-from", "{runs}/demo-vgg19-s64/best.pth"],
-}  # fmt: skip
+    "demo-vgg19-s64": [
+        "--arch",
+        "vgg19_bn",
+        "--epochs",
+        "2",
+        *SINGLE,
+        "--init-from",
+        "{runs}/demo-vgg16-s64/best.pth",
+    ],
+    "demo-vgg19": [
+        "--arch",
+        "vgg19_bn",
+        "--epochs",
+        "3",
+        *JITTER,
+        "--finetune-from",
+        "{runs}/demo-vgg19-s64/best.pth",
+    ],
+}
 MODELS = ("demo-vgg16", "demo-vgg19")
 
 
@@ -80,8 +141,16 @@ def export(name: str, weights: Path, repository: Path) -> bool:
     if onnx_path.is_file() and onnx_path.stat().st_mtime >= weights.stat().st_mtime:
         log(f"[{name}] {onnx_path} is up to date")
         return False
-    command = [sys.executable, str(ROOT / "export" / "to_onnx.py"), "--weights", str(weights),
-               "--name", name, "--repository", str(repository)]  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "export" / "to_onnx.py"),
+        "--weights",
+        str(weights),
+        "--name",
+        name,
+        "--repository",
+        str(repository),
+    ]
     result = subprocess.run(command, cwd=ROOT)
     if result.returncode != 0:
         raise SystemExit(f"error: exporting {name} failed (exit {result.returncode})")
@@ -104,12 +173,12 @@ def summarise(runs: Path, names: list[str]) -> dict:
                 "Q": final["val_scale"],
                 "top1_err": final["val_top1_err"],
                 "top5_err": final["val_top5_err"],
-            },  # fmt: skip
+            },
             "multi_scale": {
                 "Q": final["val_scales"],
                 "top1_err": final["val_multi_top1_err"],
                 "top5_err": final["val_multi_top5_err"],
-            },  # fmt: skip
+            },
         }
     top1, top5 = error_rates(average_posteriors(posteriors), labels)
     rows["fusion"] = {"multi_scale": {"Q": list(SCALES), "top1_err": top1, "top5_err": top5}}
@@ -122,14 +191,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Draw the synthetic set, train two small VGGs on it and export them.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--data", type=Path, default=Path("data/synthetic"),
-                        help="where the synthetic set is (or will be) drawn")  # fmt: skip
-    parser.add_argument("--runs", type=Path, default=Path("runs"),
-                        help="where training runs keep checkpoints and metrics")  # fmt: skip
-    parser.add_argument("--repository", type=Path, default=Path("model_repository"),
-                        help="model repository to export into")  # fmt: skip
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bars (default: when stderr is a terminal)")  # fmt: skip
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path("data/synthetic"),
+        help="where the synthetic set is (or will be) drawn",
+    )
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        default=Path("runs"),
+        help="where training runs keep checkpoints and metrics",
+    )
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        default=Path("model_repository"),
+        help="model repository to export into",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars (default: when stderr is a terminal)",
+    )
     return parser.parse_args(argv)
 
 
@@ -153,8 +238,17 @@ def main(argv: list[str] | None = None) -> int:
             continue
         flags = [f.format(runs=args.runs) for f in flags]
         log(f"[{name}] training")
-        code = train_main(["--data", str(args.data), "--output-dir", str(args.runs / name),
-                           *COMMON, *flags, *progress])  # fmt: skip
+        code = train_main(
+            [
+                "--data",
+                str(args.data),
+                "--output-dir",
+                str(args.runs / name),
+                *COMMON,
+                *flags,
+                *progress,
+            ]
+        )
         if code != 0:
             log(
                 f"error: training {name} stopped (exit {code}); run make demo-models again to resume"
@@ -170,8 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     path = args.runs / "demo-summary.json"
     if timings or not path.is_file():  # a rerun with nothing to do keeps the first timings
         path.write_text(json.dumps(summary, indent=2) + "\n")
-    log(f"demo models in {args.repository} (serve them at --scales {','.join(map(str, SCALES))}); "
-        f"dense multi-scale top-1 error on {summary['images']} synthetic validation images:")  # fmt: skip
+    log(
+        f"demo models in {args.repository} (serve them at --scales {','.join(map(str, SCALES))}); "
+        f"dense multi-scale top-1 error on {summary['images']} synthetic validation images:"
+    )
     for name, row in summary["models"].items():
         log(
             f"  {name}: {row['multi_scale']['top1_err']:.2f}% (top-5 {row['multi_scale']['top5_err']:.2f}%)"

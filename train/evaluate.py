@@ -178,14 +178,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--data", type=Path, required=True, help="folder with train/ and val/")
     parser.add_argument("--split", default="val", help="subfolder of --data to evaluate")
-    parser.add_argument("--weights", type=Path, action="append", required=True,
-                        help="a python -m train checkpoint; repeat to fuse models")  # fmt: skip
-    parser.add_argument("--scales", type=parse_scales, default=None,
-                        help="test scales Q, comma-separated (default: the training crop x1, "
-                        "1.5, 2)")  # fmt: skip
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        action="append",
+        required=True,
+        help="a python -m train checkpoint; repeat to fuse models",
+    )
+    parser.add_argument(
+        "--scales",
+        type=parse_scales,
+        default=None,
+        help="test scales Q, comma-separated (default: the training crop x1, 1.5, 2)",
+    )
     parser.add_argument("--mode", choices=MODES, default="dense", help="evaluation protocol")
-    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
-                        help="average with the horizontally flipped image")  # fmt: skip
+    parser.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="average with the horizontally flipped image",
+    )
     parser.add_argument("--limit", type=int, default=0, help="evaluate the first N images (0: all)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -235,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"{len(images)} images, Q={list(scales)}, {args.mode}, flip={args.flip}")
         for row in rows:
-            print(f"  {row['weights']}: top-1 error {row['top1_err']:.2f}%, "
-                  f"top-5 error {row['top5_err']:.2f}%")  # fmt: skip
+            print(
+                f"  {row['weights']}: top-1 error {row['top1_err']:.2f}%, "
+                f"top-5 error {row['top5_err']:.2f}%"
+            )
     return 0
 
 

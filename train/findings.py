@@ -1,25 +1,26 @@
 """The paper's findings in miniature, on the synthetic set (README, "Training").
 
-    python -m train.findings --data data/synthetic --runs runs
+    python -m train.findings --data data/synthetic --runs runs        # after make demo-models
 
-Trains three D nets with equal short budgets, at fixed S=64, fixed S=128 and jittered
-S in [64, 128] (paper Table 3 and 4), then evaluates them and the two demo models
-(``make demo-models``) with the serving protocol:
+Table 3 and 4 compare training scales at equal budgets, the way the paper trained its nets
+(section 3.1: fixed S=384 and jittered nets fine-tuned from a fixed-S net): starting from the
+same single-scale net ``demo-vgg16-s64`` (D trained at S=64), three epochs of fine-tuning at
+fixed S=64, at fixed S=128, or with S jittered in [64, 128] (that one is ``demo-vgg16``). Each
+net is then evaluated with the serving protocol at every single Q and at Q = {64, 96, 128}.
 
-* Table 3: single test scale (Q = S; Q = 96 for the jittered net);
-* Table 4: several test scales (Q around S; Q = {64, 96, 128} for the jittered net);
+The demo nets D and E (``demo-vgg16``, ``demo-vgg19``) then give:
+
 * Table 5: dense vs multi-crop (5x5 grid of 64x64 crops per Q, with flips) vs both;
 * flips at test time on and off;
 * Table 6: the fusion of D and E (posteriors averaged).
 
-Runs that exist are reused, so the command can be rerun to rebuild the table. The training
-runs' curves are in ``runs/findings-*/curves.png``.
+Runs that exist are reused, so the command can be rerun to rebuild the tables. The new runs'
+curves are in ``runs/findings-*/curves.png``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,85 +29,117 @@ import numpy as np
 
 from inference.protocol import average_posteriors
 from train.data import scan_folder
+from train.demo import COMMON, SCALES
 from train.evaluate import collect, error_rates, load_images, serving_graph
 from train.recipe import main as train_main
 from train.reporting import log
 from vgg.checkpoint import load_weights
 
-SHORT = [
-    "--arch", "vgg16_bn", "--width", "0.125", "--fc-width", "512", "--crop", "64",
-    "--batch-size", "32", "--lr", "0.02", "--lr-scheduler", "cosine", "--warmup-epochs", "0.5",
-    "--dropout", "0", "--init", "kaiming", "--normalize", "mean-std", "--val-every", "0",
-    "--val-images", "200",
-]  # fmt: skip
-# name: (training scale, single test scale, multi-scale test set)
-TRAINED = {
-    "findings-S64": ("64", 64, (64, 80)),
-    "findings-S128": ("128", 128, (112, 128, 144)),
-    "findings-S64-128": ("64:128", 96, (64, 96, 128)),
-}
-MULTI = (64, 96, 128)
+# The demo's fine-tuning, at a fixed scale instead of jittering (train/demo.py's JITTER).
+FIXED = {"findings-S64": "64", "findings-S128": "128"}
+SERVER_SCALES = (256, 384, 512)
+FINETUNE = [
+    "--arch",
+    "vgg16_bn",
+    "--epochs",
+    "3",
+    "--lr",
+    "0.005",
+    "--val-every",
+    "1",
+    "--val-images",
+    "100",
+    "--val-scales",
+    ",".join(map(str, SCALES)),
+]
 
 
-def _row(label: str, what: str, probs: np.ndarray, labels: np.ndarray) -> dict:
+def _errors(probs: np.ndarray, labels: np.ndarray) -> str:
     top1, top5 = error_rates(probs, labels)
-    return {"table": label, "what": what, "top1_err": round(top1, 2), "top5_err": round(top5, 2)}
+    return f"{top1:.1f} ({top5:.1f})"
 
 
-def evaluate_all(args: argparse.Namespace) -> list[dict]:
-    """Every row of the findings table."""
-    val = scan_folder(args.data / "val")
-    count = len(val) if args.limit <= 0 else min(args.limit, len(val))
-    images, labels = load_images(val, range(count))
-    rows: list[dict] = []
-
-    def graph_of(path: Path):
-        weights = load_weights(path)
-        return serving_graph(weights.model, weights.mean, weights.std), weights.model.spec.crop
-
-    for name, (scale, single, multi) in TRAINED.items():
-        graph, crop = graph_of(args.runs / name / "best.pth")
-        posteriors = collect(graph, images, sorted({single, *multi}), crop)
-        rows.append(_row("3: single scale", f"D, train S={scale}, test Q={single}",
-                         posteriors.dense[single], labels))  # fmt: skip
-        rows.append(_row("4: multi-scale", f"D, train S={scale}, test Q={{{','.join(map(str, multi))}}}",
-                         posteriors.combine(multi), labels))  # fmt: skip
-
-    demo = {name: graph_of(args.runs / name / "best.pth") for name in ("demo-vgg16", "demo-vgg19")}
-    crops = min(count, args.multicrop_images)
-    fused_dense, fused_both = [], []
-    for name, (graph, crop) in demo.items():
-        net = "D" if name.endswith("16") else "E"
-        dense = collect(graph, images, MULTI, crop)
-        noflip = collect(graph, images, MULTI, crop, flip=False)
-        both = collect(graph, images[:crops], MULTI, crop, modes=("both",))
-        q = f"Q={{{','.join(map(str, MULTI))}}}"
-        rows.append(_row("5: dense / multi-crop", f"{net}, dense, {q} ({crops} images)",
-                         both.combine(MULTI, "dense"), labels[:crops]))  # fmt: skip
-        rows.append(_row("5: dense / multi-crop", f"{net}, multi-crop, {q} ({crops} images)",
-                         both.combine(MULTI, "multicrop"), labels[:crops]))  # fmt: skip
-        rows.append(_row("5: dense / multi-crop", f"{net}, dense + multi-crop, {q} ({crops} images)",
-                         both.combine(MULTI, "both"), labels[:crops]))  # fmt: skip
-        rows.append(_row("flip", f"{net}, dense {q}, flip on", dense.combine(MULTI), labels))
-        rows.append(_row("flip", f"{net}, dense {q}, flip off", noflip.combine(MULTI), labels))
-        rows.append(_row("6: fusion", f"{net} alone, dense {q}", dense.combine(MULTI), labels))
-        fused_dense.append(dense.combine(MULTI))
-        fused_both.append(both.combine(MULTI, "both"))
-    rows.append(_row("6: fusion", "D + E, dense", average_posteriors(fused_dense), labels))
-    rows.append(_row("6: fusion", f"D + E, dense + multi-crop ({crops} images)",
-                     average_posteriors(fused_both), labels[:crops]))  # fmt: skip
-    return rows
+def scale_table(args: argparse.Namespace, images, labels) -> list[str]:
+    """Tables 3 and 4: rows by training scale, columns by test scale(s)."""
+    runs = {"S = 64": "findings-S64", "S = 128": "findings-S128", "S in [64, 128]": "demo-vgg16"}
+    head = " | ".join(f"Q = {q}" for q in SCALES)
+    lines = [
+        f"| D trained at | {head} | Q = {{{', '.join(map(str, SCALES))}}} |",
+        "| --- |" + " --- |" * (len(SCALES) + 1),
+    ]
+    for label, name in runs.items():
+        weights = load_weights(args.runs / name / "best.pth")
+        graph = serving_graph(weights.model, weights.mean, weights.std)
+        posteriors = collect(graph, images, SCALES, weights.model.spec.crop)
+        cells = [_errors(posteriors.dense[q], labels) for q in SCALES]
+        cells.append(_errors(posteriors.combine(SCALES), labels))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
-def markdown(rows: list[dict], images: int) -> str:
-    """The rows as a Markdown table."""
-    lines = ["| paper table | net and protocol | top-1 err (%) | top-5 err (%) |",
-             "| --- | --- | --- | --- |"]  # fmt: skip
-    for row in rows:
-        lines.append(
-            f"| {row['table']} | {row['what']} | {row['top1_err']:.2f} | {row['top5_err']:.2f} |"
+def protocol_table(args: argparse.Namespace, images, labels) -> list[str]:
+    """Table 5 (dense / multi-crop / both), flips on and off, Table 6 (fusion of D and E)."""
+    # Validation images are listed class by class: take every k-th for a balanced subset.
+    picks = np.linspace(0, len(images) - 1, min(len(images), args.multicrop_images)).astype(int)
+    few, few_labels = [images[i] for i in picks], labels[picks]
+    crops = len(few)
+    rows, dense_all, dense_few, both_few = [], [], [], []
+    for net, name in (("D", "demo-vgg16"), ("E", "demo-vgg19")):
+        weights = load_weights(args.runs / name / "best.pth")
+        graph = serving_graph(weights.model, weights.mean, weights.std)
+        crop = weights.model.spec.crop
+        flipped = collect(graph, images, SCALES, crop)
+        unflipped = collect(graph, images, SCALES, crop, flip=False)
+        both = collect(graph, few, SCALES, crop, modes=("both",))
+        rows.append((f"{net}, dense, flips off", _errors(unflipped.combine(SCALES), labels), "all"))
+        rows.append((f"{net}, dense", _errors(flipped.combine(SCALES), labels), "all"))
+        for mode, label in (
+            ("dense", "dense"),
+            ("multicrop", "multi-crop"),
+            ("both", "dense + multi-crop"),
+        ):
+            rows.append((f"{net}, {label}", _errors(both.combine(SCALES, mode), few_labels), crops))
+        dense_all.append(flipped.combine(SCALES))
+        dense_few.append(both.combine(SCALES, "dense"))
+        both_few.append(both.combine(SCALES, "both"))
+    rows.append(("D + E fused, dense", _errors(average_posteriors(dense_all), labels), "all"))
+    fused_default = []
+    for net, name in (("D", "demo-vgg16"), ("E", "demo-vgg19")):
+        # The server's default scales: objects 2-4 times larger than in training.
+        weights = load_weights(args.runs / name / "best.pth")
+        graph = serving_graph(weights.model, weights.mean, weights.std)
+        default = collect(graph, few, SERVER_SCALES, weights.model.spec.crop).combine(SERVER_SCALES)
+        fused_default.append(default)
+        q = ", ".join(map(str, SERVER_SCALES))
+        rows.append(
+            (
+                f"{net}, dense at the server's default Q = {{{q}}}",
+                _errors(default, few_labels),
+                crops,
+            )
         )
-    return "\n".join(lines) + f"\n\n{images} synthetic validation images unless stated.\n"
+    rows.append(
+        (
+            f"D + E fused, dense at Q = {{{q}}}",
+            _errors(average_posteriors(fused_default), few_labels),
+            crops,
+        )
+    )
+    rows.append(("D + E fused, dense", _errors(average_posteriors(dense_few), few_labels), crops))
+    rows.append(
+        (
+            "D + E fused, dense + multi-crop",
+            _errors(average_posteriors(both_few), few_labels),
+            crops,
+        )
+    )
+    lines = [
+        f"| net, protocol (Q = {{{', '.join(map(str, SCALES))}}}) | top-1 (top-5) error % | "
+        "images |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {what} | {cell} | {n if n != 'all' else len(images)} |" for what, cell, n in rows]
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -117,36 +150,66 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--data", type=Path, default=Path("data/synthetic"), help="synthetic set")
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="training runs folder")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs of each short D run")
     parser.add_argument("--limit", type=int, default=0, help="validation images (0: all)")
-    parser.add_argument("--multicrop-images", type=int, default=300,
-                        help="validation images for the (slow) multi-crop rows")  # fmt: skip
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bars (default: when stderr is a terminal)")  # fmt: skip
+    parser.add_argument(
+        "--multicrop-images",
+        type=int,
+        default=300,
+        help="validation images for the (slow) multi-crop rows",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars (default: when stderr is a terminal)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    for name in ("demo-vgg16", "demo-vgg19"):
+    for name in ("demo-vgg16-s64", "demo-vgg16", "demo-vgg19"):
         if not (args.runs / name / "best.pth").is_file():
             log(f"error: {args.runs / name / 'best.pth'} is missing; run make demo-models first")
             return 2
     progress = [] if args.progress is None else ["--progress" if args.progress else "--no-progress"]
-    for name, (scale, single, multi) in TRAINED.items():
-        code = train_main(["--data", str(args.data), "--output-dir", str(args.runs / name), *SHORT,
-                           "--scale", scale, "--epochs", str(args.epochs), "--val-scale", str(single),
-                           "--val-scales", ",".join(map(str, multi)), *progress])  # fmt: skip
+    for name, scale in FIXED.items():
+        code = train_main(
+            [
+                "--data",
+                str(args.data),
+                "--output-dir",
+                str(args.runs / name),
+                *COMMON,
+                *FINETUNE,
+                "--scale",
+                scale,
+                "--val-scale",
+                scale,
+                "--finetune-from",
+                str(args.runs / "demo-vgg16-s64" / "best.pth"),
+                *progress,
+            ]
+        )
         if code != 0:
             return code
-    rows = evaluate_all(args)
-    images = len(scan_folder(args.data / "val"))
-    images = images if args.limit <= 0 else min(images, args.limit)
-    table = markdown(rows, images)
-    (args.runs / "findings.md").write_text(table)
-    (args.runs / "findings.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(table)
+    val = scan_folder(args.data / "val")
+    count = len(val) if args.limit <= 0 else min(args.limit, len(val))
+    images, labels = load_images(val, range(count))
+    lines = [
+        "Tables 3 and 4: top-1 (top-5) error %, dense protocol with flips, "
+        f"{count} validation images",
+        "",
+        *scale_table(args, images, labels),
+        "",
+        "Tables 5 and 6, and flips",
+        "",
+        *protocol_table(args, images, labels),
+    ]
+    text = "\n".join(lines) + "\n"
+    (args.runs / "findings.md").write_text(text)
+    print(text)
     log(f"findings in {args.runs / 'findings.md'} ({time.perf_counter() - started:.0f} s)")
     return 0
 

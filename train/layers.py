@@ -141,9 +141,12 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
         for name, child in list(parent.named_children()):
             if type(child) is nn.BatchNorm2d:
                 replacement = CpuSyncBatchNorm(
-                    child.num_features, child.eps, child.momentum, child.affine,
+                    child.num_features,
+                    child.eps,
+                    child.momentum,
+                    child.affine,
                     child.track_running_stats,
-                )  # fmt: skip
+                )
                 replacement.load_state_dict(child.state_dict())
                 setattr(parent, name, replacement)
     return model

@@ -32,104 +32,228 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--data", type=Path, required=True,
-                      help="folder holding train/ and val/ in ImageFolder layout")  # fmt: skip
-    data.add_argument("--output-dir", type=Path, default=None,
-                      help="where checkpoints, metrics and the plot go (default: runs/<arch>)")  # fmt: skip
-    data.add_argument("--workers", type=int, default=None,
-                      help="data-loading processes per training process (default: 1 on CPU, "
-                      "8 on GPU)")  # fmt: skip
+    data.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="folder holding train/ and val/ in ImageFolder layout",
+    )
+    data.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="where checkpoints, metrics and the plot go (default: runs/<arch>)",
+    )
+    data.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="data-loading processes per training process (default: 1 on CPU, 8 on GPU)",
+    )
 
     model = parser.add_argument_group("model")
-    model.add_argument("--arch", default="vgg16",
-                       help="torchvision name (vgg11, vgg13, vgg16, vgg19, *_bn) or the paper's "
-                       "letter (A, A-LRN, B, C, D, E)")  # fmt: skip
-    model.add_argument("--width", type=float, default=1.0,
-                       help="multiplier on every conv's channels (small variants for CPU runs)")  # fmt: skip
+    model.add_argument(
+        "--arch",
+        default="vgg16",
+        help="torchvision name (vgg11, vgg13, vgg16, vgg19, *_bn) or the paper's "
+        "letter (A, A-LRN, B, C, D, E)",
+    )
+    model.add_argument(
+        "--width",
+        type=float,
+        default=1.0,
+        help="multiplier on every conv's channels (small variants for CPU runs)",
+    )
     model.add_argument("--fc-width", type=int, default=4096, help="channels of FC6 and FC7")
-    model.add_argument("--crop", type=int, default=224,
-                       help="training crop; FC6's kernel is crop / 32")  # fmt: skip
+    model.add_argument(
+        "--crop", type=int, default=224, help="training crop; FC6's kernel is crop / 32"
+    )
     model.add_argument("--dropout", type=float, default=0.5, help="dropout after FC6 and FC7")
-    model.add_argument("--init", choices=INITS, default="normal",
-                       help="normal: N(0, 1e-2) weights, zero biases; glorot: Glorot & Bengio; "
-                       "kaiming: He et al.")  # fmt: skip
-    model.add_argument("--init-from", type=Path, default=None,
-                       help="a trained net (e.g. A): its first four conv layers and three FC "
-                       "layers start this one, the rest follows --init")  # fmt: skip
-    model.add_argument("--init-from-arch", default=None,
-                       help="architecture of --init-from when it is a plain state dict")  # fmt: skip
-    model.add_argument("--finetune-from", type=Path, default=None,
-                       help="start from all weights of a trained net of the same architecture "
-                       f"(the paper's S=384 and multi-scale runs; --lr defaults to {FINETUNE_LR})")  # fmt: skip
+    model.add_argument(
+        "--init",
+        choices=INITS,
+        default="normal",
+        help="normal: N(0, 1e-2) weights, zero biases; glorot: Glorot & Bengio; kaiming: He et al.",
+    )
+    model.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="a trained net (e.g. A): its first four conv layers and three FC "
+        "layers start this one, the rest follows --init",
+    )
+    model.add_argument(
+        "--init-from-arch",
+        default=None,
+        help="architecture of --init-from when it is a plain state dict",
+    )
+    model.add_argument(
+        "--finetune-from",
+        type=Path,
+        default=None,
+        help="start from all weights of a trained net of the same architecture "
+        f"(the paper's S=384 and multi-scale runs; --lr defaults to {FINETUNE_LR})",
+    )
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--batch-size", type=int, default=256,
-                       help="global mini-batch, split evenly over the processes")  # fmt: skip
-    optim.add_argument("--lr", type=float, default=None,
-                       help=f"initial learning rate (default: {DEFAULT_LR}; {FINETUNE_LR} with "
-                       "--finetune-from)")  # fmt: skip
+    optim.add_argument(
+        "--batch-size",
+        type=int,
+        default=256,
+        help="global mini-batch, split evenly over the processes",
+    )
+    optim.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"initial learning rate (default: {DEFAULT_LR}; {FINETUNE_LR} with --finetune-from)",
+    )
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     optim.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty")
     optim.add_argument("--epochs", type=int, default=74, help="at most this many epochs")
-    optim.add_argument("--lr-scheduler", choices=KINDS, default="plateau",
-                       help="plateau: divide by --lr-factor when validation top-1 stops "
-                       "improving; cosine and step: fixed schedules for short runs")  # fmt: skip
-    optim.add_argument("--lr-factor", type=float, default=0.1,
-                       help="factor of each decrease (plateau and step)")  # fmt: skip
-    optim.add_argument("--lr-patience", type=int, default=2,
-                       help="validations without improvement before a decrease (plateau)")  # fmt: skip
-    optim.add_argument("--lr-drops", type=int, default=3,
-                       help="decreases before training stops at the next plateau (plateau)")  # fmt: skip
+    optim.add_argument(
+        "--lr-scheduler",
+        choices=KINDS,
+        default="plateau",
+        help="plateau: divide by --lr-factor when validation top-1 stops "
+        "improving; cosine and step: fixed schedules for short runs",
+    )
+    optim.add_argument(
+        "--lr-factor", type=float, default=0.1, help="factor of each decrease (plateau and step)"
+    )
+    optim.add_argument(
+        "--lr-patience",
+        type=int,
+        default=2,
+        help="validations without improvement before a decrease (plateau)",
+    )
+    optim.add_argument(
+        "--lr-drops",
+        type=int,
+        default=3,
+        help="decreases before training stops at the next plateau (plateau)",
+    )
     optim.add_argument("--lr-step-size", type=int, default=30, help="epochs per decrease (step)")
-    optim.add_argument("--warmup-epochs", type=float, default=0.0,
-                       help="linear learning-rate warm-up")  # fmt: skip
-    optim.add_argument("--seed", type=int, default=0,
-                       help="seed of initialisation, data order, augmentation and dropout")  # fmt: skip
+    optim.add_argument(
+        "--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up"
+    )
+    optim.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of initialisation, data order, augmentation and dropout",
+    )
 
     augment = parser.add_argument_group("augmentation")
-    augment.add_argument("--scale", type=_scale, default=(256, 256), metavar="S|SMIN:SMAX",
-                         help="training scale: fixed S (256) or jittered per image (256:512)")  # fmt: skip
-    augment.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
-                         help="random horizontal flip")  # fmt: skip
-    augment.add_argument("--lighting", type=float, default=LIGHTING_STD,
-                         help="std of AlexNet's PCA colour shift (0: off)")  # fmt: skip
-    augment.add_argument("--normalize", choices=NORMALISATIONS, default="mean",
-                         help="mean: subtract the training set's mean RGB (the paper); "
-                         "mean-std: also divide by its std; imagenet: torchvision's values")  # fmt: skip
-    augment.add_argument("--stats-images", type=int, default=500,
-                         help="training images sampled for the mean/std and the colour PCA")  # fmt: skip
+    augment.add_argument(
+        "--scale",
+        type=_scale,
+        default=(256, 256),
+        metavar="S|SMIN:SMAX",
+        help="training scale: fixed S (256) or jittered per image (256:512)",
+    )
+    augment.add_argument(
+        "--flip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flip"
+    )
+    augment.add_argument(
+        "--lighting",
+        type=float,
+        default=LIGHTING_STD,
+        help="std of AlexNet's PCA colour shift (0: off)",
+    )
+    augment.add_argument(
+        "--normalize",
+        choices=NORMALISATIONS,
+        default="mean",
+        help="mean: subtract the training set's mean RGB (the paper); "
+        "mean-std: also divide by its std; imagenet: torchvision's values",
+    )
+    augment.add_argument(
+        "--stats-images",
+        type=int,
+        default=500,
+        help="training images sampled for the mean/std and the colour PCA",
+    )
 
     val = parser.add_argument_group("validation (dense protocol, paper section 3.2)")
-    val.add_argument("--val-scale", type=int, default=None,
-                     help="single test scale Q (default: S, or (Smin+Smax)/2 with jittering)")  # fmt: skip
-    val.add_argument("--val-scales", type=parse_scales, default=None,
-                     help="multi-scale test set (default: S-32,S,S+32 for fixed S; "
-                     "Smin,(Smin+Smax)/2,Smax with jittering)")  # fmt: skip
-    val.add_argument("--val-flip", action=argparse.BooleanOptionalAction, default=True,
-                     help="average with the flipped image")  # fmt: skip
-    val.add_argument("--val-every", type=int, default=1,
-                     help="validate every N epochs (0: only after the last); the plateau "
-                     "schedule needs validations")  # fmt: skip
-    val.add_argument("--val-images", type=int, default=0,
-                     help="validate on this many images (a fixed random subset; 0: all); the "
-                     "final validation of the best weights always uses all")  # fmt: skip
+    val.add_argument(
+        "--val-scale",
+        type=int,
+        default=None,
+        help="single test scale Q (default: S, or (Smin+Smax)/2 with jittering)",
+    )
+    val.add_argument(
+        "--val-scales",
+        type=parse_scales,
+        default=None,
+        help="multi-scale test set (default: S-32,S,S+32 for fixed S; "
+        "Smin,(Smin+Smax)/2,Smax with jittering)",
+    )
+    val.add_argument(
+        "--val-flip",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="average with the flipped image",
+    )
+    val.add_argument(
+        "--val-every",
+        type=int,
+        default=1,
+        help="validate every N epochs (0: only after the last); the plateau "
+        "schedule needs validations",
+    )
+    val.add_argument(
+        "--val-images",
+        type=int,
+        default=0,
+        help="validate on this many images (a fixed random subset; 0: all); the "
+        "final validation of the best weights always uses all",
+    )
 
     run = parser.add_argument_group("run")
     run.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
-    run.add_argument("--threads", type=int, default=None,
-                     help="torch threads per process (default: cores / processes)")  # fmt: skip
-    run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                     help="bf16 autocast on GPU (ignored on CPU)")  # fmt: skip
-    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                     help="channels-last memory format on GPU (ignored on CPU)")  # fmt: skip
-    run.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
-                     help="batch-norm over the global batch when training on several processes")  # fmt: skip
-    run.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                     help="continue from OUTPUT_DIR/last.pth when it exists")  # fmt: skip
-    run.add_argument("--save-every-steps", type=int, default=0,
-                     help="also checkpoint every N steps within an epoch (0: at epoch ends)")  # fmt: skip
-    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                     help="progress bar (default: when stderr is a terminal)")  # fmt: skip
+    run.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per process (default: cores / processes)",
+    )
+    run.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bf16 autocast on GPU (ignored on CPU)",
+    )
+    run.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="channels-last memory format on GPU (ignored on CPU)",
+    )
+    run.add_argument(
+        "--sync-bn",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="batch-norm over the global batch when training on several processes",
+    )
+    run.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continue from OUTPUT_DIR/last.pth when it exists",
+    )
+    run.add_argument(
+        "--save-every-steps",
+        type=int,
+        default=0,
+        help="also checkpoint every N steps within an epoch (0: at epoch ends)",
+    )
+    run.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: when stderr is a terminal)",
+    )
     return parser
 
 

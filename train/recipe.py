@@ -238,8 +238,14 @@ def run(args, proc: distributed.Process) -> int:
 
     train_folder, val_folder = _scan(args)
     classes = train_folder.classes
-    spec = resolve_arch(args.arch, width=args.width, fc_width=args.fc_width, crop=args.crop,
-                        num_classes=len(classes), dropout=args.dropout)  # fmt: skip
+    spec = resolve_arch(
+        args.arch,
+        width=args.width,
+        fc_width=args.fc_width,
+        crop=args.crop,
+        num_classes=len(classes),
+        dropout=args.dropout,
+    )
     torch.manual_seed(args.seed)
     model = VGG(spec)
     state = RunState()
@@ -263,8 +269,9 @@ def run(args, proc: distributed.Process) -> int:
         if proc.main:
             log(f"resuming {out} at epoch {state.epoch + 1}, step {state.step}")
     else:
-        norm = dataset_statistics(train_folder, args.stats_images, args.seed, args.normalize,
-                                  args.lighting)  # fmt: skip
+        norm = dataset_statistics(
+            train_folder, args.stats_images, args.seed, args.normalize, args.lighting
+        )
         initialise(model, args.init)
         if args.init_from:
             source = load_weights(args.init_from, args.init_from_arch)
@@ -290,8 +297,9 @@ def run(args, proc: distributed.Process) -> int:
         model = model.to(memory_format=torch.channels_last)
     if proc.world > 1 and spec.batch_norm and args.sync_bn:
         model = convert_sync_batchnorm(model, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)  # fmt: skip
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+    )
     schedule = LearningRate(
         kind=args.lr_scheduler,
         base_lr=args.lr,
@@ -306,7 +314,9 @@ def run(args, proc: distributed.Process) -> int:
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["scheduler"])
         restore_rng_states(saved["rng"])
-    net = DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None) if proc.world > 1 else model  # fmt: skip
+    net = model
+    if proc.world > 1:
+        net = DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None)
 
     smin, smax = args.scale
     augmentation = TrainAugmentation(smin, smax, spec.crop, args.flip, norm.lighting)
@@ -347,7 +357,11 @@ def run(args, proc: distributed.Process) -> int:
         if not proc.main:
             return
         checkpoint = weights_checkpoint(
-            _unwrap(net), classes, norm.mean, norm.std, state.epoch,
+            _unwrap(net),
+            classes,
+            norm.mean,
+            norm.std,
+            state.epoch,
             step=state.step,
             finished=state.finished,
             optimizer=optimizer.state_dict(),
@@ -359,7 +373,7 @@ def run(args, proc: distributed.Process) -> int:
             progress=state.progress.to_list(),
             args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             world_size=proc.world,
-        )  # fmt: skip
+        )
         atomic_save(checkpoint, last_path)
 
     stop = StopSignal()
@@ -377,8 +391,13 @@ def run(args, proc: distributed.Process) -> int:
             if show_progress and proc.main:
                 from tqdm import tqdm
 
-                bar = tqdm(total=steps, initial=state.step, desc=f"epoch {epoch + 1}/{args.epochs}",
-                           leave=False, dynamic_ncols=True)  # fmt: skip
+                bar = tqdm(
+                    total=steps,
+                    initial=state.step,
+                    desc=f"epoch {epoch + 1}/{args.epochs}",
+                    leave=False,
+                    dynamic_ncols=True,
+                )
             for pixels, shift, labels in loader:
                 step = state.step
                 lr = schedule.at(epoch, step, steps)
@@ -440,8 +459,16 @@ def run(args, proc: distributed.Process) -> int:
             last_epoch = epoch + 1 == args.epochs
             if (args.val_every and (epoch + 1) % args.val_every == 0) or last_epoch:
                 val_started = time.perf_counter()
-                metrics, posteriors = validate(_unwrap(net), norm, val_folder, val_indices,
-                                               args.val_scale, args.val_scales, args.val_flip, proc)  # fmt: skip
+                metrics, posteriors = validate(
+                    _unwrap(net),
+                    norm,
+                    val_folder,
+                    val_indices,
+                    args.val_scale,
+                    args.val_scales,
+                    args.val_flip,
+                    proc,
+                )
                 row.update(metrics)
                 row["val_s"] = time.perf_counter() - val_started
                 if schedule.observe(metrics["val_multi_top1_err"]):
@@ -456,8 +483,9 @@ def run(args, proc: distributed.Process) -> int:
                         **{k: metrics[k] for k in ("val_multi_top1_err", "val_images")},
                     }
                     if proc.main:
-                        best = weights_checkpoint(_unwrap(net), classes, norm.mean, norm.std,
-                                                  epoch + 1, metrics=metrics)  # fmt: skip
+                        best = weights_checkpoint(
+                            _unwrap(net), classes, norm.mean, norm.std, epoch + 1, metrics=metrics
+                        )
                         atomic_save(best, out / BEST)
                         if metrics["val_images"] == len(val_folder):
                             _write_final(out, metrics, posteriors, epoch + 1)
@@ -471,8 +499,10 @@ def run(args, proc: distributed.Process) -> int:
                 log(epoch_line(row, args.epochs))
     except Interrupted:
         if proc.main:
-            log(f"stopped by signal {stop.received}: saved {last_path} at epoch {state.epoch + 1}, "
-                f"step {state.step}; run the same command to continue")  # fmt: skip
+            log(
+                f"stopped by signal {stop.received}: saved {last_path} at epoch {state.epoch + 1}, "
+                f"step {state.step}; run the same command to continue"
+            )
         return 128 + int(stop.received or 15)
     finally:
         stop.restore()
@@ -495,16 +525,25 @@ def _final_evaluation(args, proc: distributed.Process, out: Path) -> None:
         best = load_weights(out / BEST)
         _, val_folder = _scan(args)
         alone = distributed.Process(0, 1, 0, 1, proc.device)
-        metrics, posteriors = validate(best.model.to(proc.device), Normalisation(best.mean, best.std, None),
-                                       val_folder, list(range(len(val_folder))), args.val_scale,
-                                       args.val_scales, args.val_flip, alone)  # fmt: skip
+        metrics, posteriors = validate(
+            best.model.to(proc.device),
+            Normalisation(best.mean, best.std, None),
+            val_folder,
+            list(range(len(val_folder))),
+            args.val_scale,
+            args.val_scales,
+            args.val_flip,
+            alone,
+        )
         _write_final(out, metrics, posteriors, int(best.extra.get("epoch") or 0))
     if proc.main and (out / FINAL_FILE).is_file():
         final = json.loads((out / FINAL_FILE).read_text())
-        log(f"best epoch {final['epoch']} on {final['val_images']} validation images: dense "
+        log(
+            f"best epoch {final['epoch']} on {final['val_images']} validation images: dense "
             f"Q={final['val_scale']} top-1/top-5 error {final['val_top1_err']:.2f}%/"
             f"{final['val_top5_err']:.2f}%; Q={{{','.join(map(str, final['val_scales']))}}} "
-            f"{final['val_multi_top1_err']:.2f}%/{final['val_multi_top5_err']:.2f}%")  # fmt: skip
+            f"{final['val_multi_top1_err']:.2f}%/{final['val_multi_top5_err']:.2f}%"
+        )
     distributed.barrier()
 
 

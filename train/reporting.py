@@ -67,17 +67,29 @@ def plot_curves(directory: Path, history: list[dict], title: str) -> Path | None
     left.set_ylabel("cross-entropy")
     left.set_title("loss")
     left.grid(alpha=0.3)
-    right.plot(epochs, [row["train_top1_err"] for row in history], marker="o",
-               label="training (crops, augmented)")  # fmt: skip
+    right.plot(
+        epochs,
+        [row["train_top1_err"] for row in history],
+        marker="o",
+        label="training (crops, augmented)",
+    )
     validated = [row for row in history if "val_top1_err" in row]
     if validated:
         x = [row["epoch"] for row in validated]
         q = validated[-1]["val_scale"]
-        right.plot(x, [row["val_top1_err"] for row in validated], marker="s",
-                   label=f"validation, dense Q={q}")  # fmt: skip
+        right.plot(
+            x,
+            [row["val_top1_err"] for row in validated],
+            marker="s",
+            label=f"validation, dense Q={q}",
+        )
         qs = _scales(validated[-1]["val_scales"])
-        right.plot(x, [row["val_multi_top1_err"] for row in validated], marker="^",
-                   label=f"validation, dense Q={{{qs}}}")  # fmt: skip
+        right.plot(
+            x,
+            [row["val_multi_top1_err"] for row in validated],
+            marker="^",
+            label=f"validation, dense Q={{{qs}}}",
+        )
     right.set_xlabel("epoch")
     right.set_ylabel("top-1 error (%)")
     right.set_title("top-1 error")

@@ -116,8 +116,20 @@ def _triangle(draw: ImageDraw.ImageDraw, cx: float, cy: float, r: float, angle: 
 def _cross(draw: ImageDraw.ImageDraw, cx: float, cy: float, r: float, angle: float) -> None:
     # A plus sign: twelve corners, arms of half-width 0.3 r reaching out to r.
     w = 0.3 * r
-    corners = [(w, w), (r, w), (r, -w), (w, -w), (w, -r), (-w, -r), (-w, -w), (-r, -w), (-r, w),
-               (-w, w), (-w, r), (w, r)]  # fmt: skip
+    corners = [
+        (w, w),
+        (r, w),
+        (r, -w),
+        (w, -w),
+        (w, -r),
+        (-w, -r),
+        (-w, -w),
+        (-r, -w),
+        (-r, w),
+        (-w, w),
+        (-w, r),
+        (w, r),
+    ]
     c, s = math.cos(angle), math.sin(angle)
     draw.polygon([(cx + x * c - y * s, cy + x * s + y * c) for x, y in corners], fill=255)
 
@@ -410,25 +422,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     defaults = SyntheticConfig()
     parser.add_argument("--out", type=Path, required=True, help="folder to create (train/, val/)")
-    parser.add_argument("--classes", type=int, default=defaults.classes,
-                        help=f"number of classes, the first N of: {', '.join(CLASSES)}")  # fmt: skip
+    parser.add_argument(
+        "--classes",
+        type=int,
+        default=defaults.classes,
+        help=f"number of classes, the first N of: {', '.join(CLASSES)}",
+    )
     parser.add_argument("--train", type=int, default=defaults.train, help="training images")
     parser.add_argument("--val", type=int, default=defaults.val, help="validation images")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the whole set")
-    parser.add_argument("--min-size", type=float, default=defaults.min_size,
-                        help="smallest object diameter, as a fraction of the shorter side")  # fmt: skip
-    parser.add_argument("--max-size", type=float, default=defaults.max_size,
-                        help="largest object diameter, as a fraction of the shorter side")  # fmt: skip
-    parser.add_argument("--clutter", type=int, default=defaults.clutter,
-                        help="distracting lines and curves per image")  # fmt: skip
-    parser.add_argument("--noise", type=float, default=defaults.noise,
-                        help="standard deviation of the pixel noise (of 255)")  # fmt: skip
-    parser.add_argument("--background-contrast", type=float, default=defaults.background_contrast,
-                        help="spread of the background colours around their base colour (0-1)")  # fmt: skip
-    parser.add_argument("--rotation", type=float, default=defaults.rotation,
-                        help="shapes are tilted by up to this many degrees from upright")  # fmt: skip
-    parser.add_argument("--workers", type=int, default=None,
-                        help="processes drawing images (default: all cores)")  # fmt: skip
+    parser.add_argument(
+        "--min-size",
+        type=float,
+        default=defaults.min_size,
+        help="smallest object diameter, as a fraction of the shorter side",
+    )
+    parser.add_argument(
+        "--max-size",
+        type=float,
+        default=defaults.max_size,
+        help="largest object diameter, as a fraction of the shorter side",
+    )
+    parser.add_argument(
+        "--clutter",
+        type=int,
+        default=defaults.clutter,
+        help="distracting lines and curves per image",
+    )
+    parser.add_argument(
+        "--noise",
+        type=float,
+        default=defaults.noise,
+        help="standard deviation of the pixel noise (of 255)",
+    )
+    parser.add_argument(
+        "--background-contrast",
+        type=float,
+        default=defaults.background_contrast,
+        help="spread of the background colours around their base colour (0-1)",
+    )
+    parser.add_argument(
+        "--rotation",
+        type=float,
+        default=defaults.rotation,
+        help="shapes are tilted by up to this many degrees from upright",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="processes drawing images (default: all cores)"
+    )
     return parser.parse_args(argv)
 
 

@@ -15,7 +15,15 @@ from pathlib import Path
 from inference import DEFAULT_SCALES, OptionError, RepositoryError
 from server.engine import StartupError
 from server.heap import fix_mmap_threshold
-from server.settings import BACKENDS, Settings, parse_int_list, parse_name_list
+from server.settings import (
+    BACKENDS,
+    TORCH_COMPILE_MODES,
+    TORCH_DTYPES,
+    Settings,
+    parse_int_list,
+    parse_name_list,
+    parse_size_list,
+)
 
 # Request line + headers of one request; browsers send a few KB, cookies included.
 MAX_HEADER_BYTES = 64 * 1024
@@ -62,9 +70,27 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str, float]:
                         "the repository)")  # fmt: skip
     parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend,
                         help="onnxruntime: in this process (default); triton: a Triton server "
-                        "over gRPC")  # fmt: skip
+                        "over gRPC; torch: PyTorch in this process (for GPUs)")  # fmt: skip
     parser.add_argument("--triton-url", default=defaults.triton_url,
                         help="Triton gRPC address, with --backend triton (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--torch-device", default=defaults.torch_device,
+                        help="with --backend torch: auto (the first CUDA device, else the CPU), "
+                        "cpu, cuda or cuda:N (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--torch-dtype", choices=TORCH_DTYPES, default=defaults.torch_dtype,
+                        help="with --backend torch: precision of the convolutions; auto is bf16 "
+                        "on CUDA and fp32 on the CPU; pre- and post-processing stay fp32 "
+                        "(default: %(default)s)")  # fmt: skip
+    parser.add_argument("--torch-compile", choices=TORCH_COMPILE_MODES,
+                        default=defaults.torch_compile,
+                        help="with --backend torch: torch.compile mode (dynamic shapes, one "
+                        "compile per model); auto is reduce-overhead (CUDA graphs for shapes "
+                        "that recur) on CUDA and off (eager) on the CPU (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--torch-warmup", type=_list_of(parse_size_list, "size list"),
+                        default=(),
+                        help="with --backend torch: image sizes WIDTHxHEIGHT (e.g. 640x480,"
+                        "480x640) run at every --scales Q with flips before the server answers, "
+                        "so the first requests of those shapes pay no compile or graph capture "
+                        "(default: none)")  # fmt: skip
     parser.add_argument(
         "--host", default=defaults.host, help="address to bind (default: %(default)s)"
     )
@@ -113,6 +139,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str, float]:
         max_concurrency=args.max_concurrency,
         max_queue=args.max_queue,
         threads=args.threads,
+        torch_device=args.torch_device,
+        torch_dtype=args.torch_dtype,
+        torch_compile=args.torch_compile,
+        torch_warmup=tuple(args.torch_warmup),
     )
     return settings, args.log_level, args.grace_period
 

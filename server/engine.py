@@ -70,6 +70,8 @@ def engine_opener(settings: Settings, models: Mapping[str, ModelEntry]) -> Opene
             return await asyncio.to_thread(OnnxRuntimeBackend, models, settings.threads)
 
         return open_onnxruntime
+    if settings.backend == "torch":
+        return torch_opener(settings, models)
     try:
         from inference.backends.triton import TritonBackend
     except ImportError as exc:
@@ -79,3 +81,71 @@ def engine_opener(settings: Settings, models: Mapping[str, ModelEntry]) -> Opene
         return TritonBackend(settings.triton_url, models)
 
     return open_triton
+
+
+def warmup_shapes(
+    settings: Settings, models: Mapping[str, ModelEntry]
+) -> list[tuple[int, int, int, int]]:
+    """The (2, 3, H, W) batches a request for each ``--torch-warmup`` size makes at every Q."""
+    from inference import rescaled_size
+
+    multiple = getattr(settings, "shape_multiple", None)  # shape bucketing, where it exists
+    min_size = max(entry.min_size for entry in models.values())
+    shapes = set()
+    for width, height in settings.torch_warmup:
+        for q in settings.scales:
+            if q < min_size:
+                continue  # such requests are refused before they reach the backend
+            size = (
+                rescaled_size(width, height, q, multiple)
+                if multiple
+                else rescaled_size(width, height, q)
+            )
+            shapes.add((2, 3, size[1], size[0]))  # the image and its flip
+    return sorted(shapes)
+
+
+def torch_opener(settings: Settings, models: Mapping[str, ModelEntry]) -> Opener:
+    """``--backend torch``: the graphs are read now, so an unreadable one (an int8 graph, a
+    foreign op) or a missing GPU stops the start with one line; moving them to the device,
+    compiling and warming up happen when the app starts, before it answers."""
+    try:
+        from inference.backends.torch import (
+            GraphNotReadable,
+            TorchBackend,
+            load_modules,
+            resolve_device,
+        )
+    except ImportError as exc:
+        raise StartupError(f"--backend torch needs PyTorch and onnx ({exc})") from exc
+    try:
+        resolve_device(settings.torch_device)
+    except ValueError as exc:
+        raise StartupError(f"--torch-device {exc}") from exc
+    try:
+        modules = load_modules(models)
+    except GraphNotReadable as exc:
+        raise StartupError(f"--backend torch cannot run {exc}") from exc
+    shapes = warmup_shapes(settings, models)
+
+    async def open_torch() -> Backend:
+        backend = await asyncio.to_thread(
+            TorchBackend,
+            modules,
+            device=settings.torch_device,
+            dtype=settings.torch_dtype,
+            compile=settings.torch_compile,
+            threads=settings.threads,
+        )
+        log.info("%s", backend.describe())
+        if shapes:
+            try:
+                seconds = await backend.warmup(shapes)
+            except BaseException:
+                await backend.close()
+                raise
+            log.info("torch warm-up: %d shapes x %d models in %.1f s", len(shapes), len(models),
+                     seconds)  # fmt: skip
+        return backend
+
+    return open_torch

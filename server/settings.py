@@ -7,7 +7,12 @@ from pathlib import Path
 
 from inference import DEFAULT_SCALES
 
-BACKENDS = ("onnxruntime", "triton")
+BACKENDS = ("onnxruntime", "triton", "torch")
+# --backend torch (inference/backends/torch.py checks the same names; torch is not imported here).
+TORCH_DTYPES = ("auto", "bf16", "fp16", "fp32")
+TORCH_COMPILE_MODES = (
+    "auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,10 @@ class Settings:
     max_queue: int = 32
     threads: int | None = None  # ONNX Runtime intra-op threads; None: every core
     max_batch_files: int = 32
+    torch_device: str = "auto"  # auto: the first CUDA device, else the CPU
+    torch_dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on the CPU
+    torch_compile: str = "auto"  # auto: reduce-overhead (CUDA graphs) on CUDA, off on the CPU
+    torch_warmup: tuple[tuple[int, int], ...] = ()  # image sizes (width, height) run at start-up
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -43,6 +52,10 @@ class Settings:
             raise ValueError("max_batch_files must be at least 1")
         if not self.scales:
             raise ValueError("scales must not be empty")
+        if self.torch_dtype not in TORCH_DTYPES:
+            raise ValueError(f"torch_dtype must be one of {', '.join(TORCH_DTYPES)}")
+        if self.torch_compile not in TORCH_COMPILE_MODES:
+            raise ValueError(f"torch_compile must be one of {', '.join(TORCH_COMPILE_MODES)}")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -69,3 +82,16 @@ def parse_name_list(text: str) -> tuple[str, ...]:
     if not text.strip() or any(not item for item in items):
         raise ValueError(f"{text!r} is not a comma-separated list of names (e.g. vgg16,vgg19)")
     return tuple(items)
+
+
+def parse_size_list(text: str) -> tuple[tuple[int, int], ...]:
+    """``"640x480,480x640"`` -> ``((640, 480), (480, 640))`` (width x height, positive)."""
+    sizes = []
+    for item in text.split(","):
+        width, _, height = item.strip().lower().partition("x")
+        if not (width.isdigit() and height.isdigit()) or int(width) < 1 or int(height) < 1:
+            raise ValueError(
+                f"{text!r} is not a comma-separated list of WIDTHxHEIGHT sizes (e.g. 640x480,480x640)"
+            )
+        sizes.append((int(width), int(height)))
+    return tuple(sizes)

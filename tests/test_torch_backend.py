@@ -1,0 +1,364 @@
+"""``--backend torch``: the module read back from model.onnx against ONNX Runtime, on the same files.
+
+CPU tests run everywhere (fp32 eager, bf16, dynamic-shape compilation through dynamo); the CUDA
+ones (bf16 vs fp32, inductor with CUDA graphs) run where a GPU is visible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from inference import read_repository
+from inference.backends.onnx_reader import GraphNotReadable, read_serving_module
+from inference.backends.torch import COMPILE_MODES, DTYPES, TorchBackend, load_modules
+from server.settings import TORCH_COMPILE_MODES, TORCH_DTYPES
+
+from .conftest import ROOT
+from .images import jpeg
+from .server_process import ServerProcess, run_server_cli
+
+TOLERANCE = 1e-5  # fp32, CPU (the issue's bound)
+# (N, 3, H, W): square at the crop, 3:4 and 4:3 with flips, an odd pair, a batch of 3.
+SHAPES = [(1, 3, 64, 64), (2, 3, 64, 85), (2, 3, 128, 96), (2, 3, 101, 77), (3, 3, 96, 128)]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def relative_error(actual: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.max(np.abs(actual - reference)) / np.max(np.abs(reference)))
+
+
+def images(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def onnxruntime_outputs(path, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    probs, scores = session.run(["probs", "scores"], {"image": batch})
+    return probs, scores
+
+
+def run(backend: TorchBackend, model: str, batch: np.ndarray, outputs=("probs", "scores")):
+    return asyncio.run(backend.infer(model, batch, outputs))
+
+
+@pytest.fixture(scope="module")
+def entries(two_model_repository):
+    repo, _ = two_model_repository
+    return read_repository(repo)
+
+
+@pytest.fixture(scope="module")
+def eager(entries):
+    backend = TorchBackend.from_models(entries, device="cpu", dtype="fp32", compile="off")
+    yield backend
+    asyncio.run(backend.close())
+
+
+@pytest.fixture(scope="module")
+def other_exports(tmp_path_factory):
+    """Small exports the two-model repository lacks: A-LRN (fp32) and VGG-16 in fp16."""
+    from export import to_onnx
+    from vgg.models import build
+
+    root = tmp_path_factory.mktemp("other-exports")
+    small = ["--width", "0.125", "--fc-width", "64", "--crop", "64"]
+    for name, arch, precision in (("alrn", "A-LRN", "fp32"), ("d16half", "vgg16", "fp16")):
+        torch.manual_seed(7)
+        weights = root / f"{name}.pth"
+        torch.save(
+            build(arch, width=0.125, fc_width=64, crop=64, num_classes=5).state_dict(), weights
+        )
+        args = ["--arch", arch, "--weights", str(weights), "--name", name, "--repository",
+                str(root / "repo"), "--precision", precision, *small]  # fmt: skip
+        assert to_onnx.main(args) == 0
+    return root / "repo"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("model", ["m16", "m19"])
+def test_module_from_onnx_equals_onnxruntime(entries, eager, model, shape):
+    batch = images(shape, seed=sum(shape))
+    probs, scores = onnxruntime_outputs(entries[model].onnx_path, batch)
+    got = run(eager, model, batch)
+    assert got["probs"].dtype == np.float32 and got["scores"].dtype == np.float32
+    assert got["probs"].shape == probs.shape and got["scores"].shape == scores.shape
+    np.testing.assert_allclose(got["probs"], probs, rtol=0, atol=TOLERANCE)
+    assert relative_error(got["scores"], scores) < TOLERANCE
+    assert np.ptp(probs) > 0.05  # far from uniform: the comparison means something
+
+
+@pytest.mark.parametrize("name, tolerance", [("alrn", TOLERANCE), ("d16half", 1e-2)])
+def test_lrn_and_fp16_exports_are_read(other_exports, name, tolerance):
+    # LRN is written by the exporter as a decomposition (pad, AveragePool, Pow): read back as
+    # one LocalResponseNorm. fp16 weights run in fp32 here, ONNX Runtime runs them in fp16.
+    path = other_exports / name / "1" / "model.onnx"
+    module = read_serving_module(path)
+    if name == "alrn":
+        assert any(isinstance(layer, torch.nn.LocalResponseNorm) for layer in module.layers)
+    for shape in SHAPES[1:3]:
+        batch = images(shape)
+        probs, scores = onnxruntime_outputs(path, batch)
+        with torch.no_grad():
+            got_probs, got_scores = (t.numpy() for t in module(torch.from_numpy(batch)))
+        np.testing.assert_allclose(got_probs, probs, rtol=0, atol=tolerance)
+        assert relative_error(got_scores, scores) < tolerance
+
+
+def test_only_the_requested_outputs_come_back(eager):
+    batch = images((2, 3, 64, 85))
+    assert set(run(eager, "m16", batch, ("probs",))) == {"probs"}
+    assert set(run(eager, "m16", batch, ("scores",))) == {"scores"}
+    with pytest.raises(ValueError, match="unknown outputs"):
+        run(eager, "m16", batch, ("logits",))
+
+
+def test_bf16_probabilities_within_1e2_of_fp32_on_cpu(entries, eager):
+    bf16 = TorchBackend.from_models(entries, device="cpu", dtype="bf16", compile="off")
+    try:
+        for shape in SHAPES[1:3]:
+            batch = images(shape, seed=3)
+            for model in entries:
+                reference = run(eager, model, batch, ("probs",))["probs"]
+                got = run(bf16, model, batch, ("probs",))["probs"]
+                np.testing.assert_allclose(got, reference, rtol=0, atol=1e-2)
+    finally:
+        asyncio.run(bf16.close())
+
+
+def test_compiled_with_dynamic_shapes_compiles_once_per_model(entries, eager):
+    # dynamo's own counting backend (no inductor: a CPU C++ build takes minutes) shows that new
+    # H and W reuse one graph; batch 1 (which dynamo specialises) may add one more.
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    backend = TorchBackend.from_models(
+        entries, device="cpu", dtype="fp32", compile="default", compile_backend=counter
+    )
+    try:
+        for shape in [(2, 3, 64, 85), (2, 3, 128, 96), (2, 3, 101, 77), (2, 3, 64, 85)]:
+            batch = images(shape, seed=5)
+            for model in entries:
+                got = run(backend, model, batch)
+                reference = run(eager, model, batch)
+                np.testing.assert_allclose(got["probs"], reference["probs"], rtol=0, atol=TOLERANCE)
+                assert relative_error(got["scores"], reference["scores"]) < TOLERANCE
+        assert counter.frame_count == len(entries)  # one graph per model for every H, W
+        assert backend.shapes_seen["m16"] == {(2, 3, 64, 85), (2, 3, 128, 96), (2, 3, 101, 77)}
+        run(backend, "m16", images((1, 3, 64, 85)))
+        assert counter.frame_count <= len(entries) + 1
+    finally:
+        asyncio.run(backend.close())
+
+
+def test_warmup_runs_every_model_at_every_shape(entries):
+    backend = TorchBackend.from_models(entries, device="cpu", compile="off")
+    try:
+        seconds = asyncio.run(backend.warmup([(2, 3, 64, 85), (2, 3, 85, 64)]))
+        assert seconds > 0
+        for model in entries:
+            assert backend.shapes_seen[model] == {(2, 3, 64, 85), (2, 3, 85, 64)}
+    finally:
+        asyncio.run(backend.close())
+
+
+def test_cpu_defaults_are_fp32_eager(entries):
+    backend = TorchBackend(load_modules(entries))
+    try:
+        if not torch.cuda.is_available():
+            assert (backend.device.type, backend.dtype, backend.compile_mode) == (
+                "cpu",
+                torch.float32,
+                "off",
+            )
+        assert backend.describe().startswith("torch backend on ")
+    finally:
+        asyncio.run(backend.close())
+
+
+def test_server_flags_name_the_backend_choices():
+    assert set(TORCH_DTYPES) == {"auto", *DTYPES}
+    assert set(TORCH_COMPILE_MODES) == {"auto", *COMPILE_MODES}
+
+
+# --- graphs the backend refuses -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def int8_graph(entries, tmp_path_factory) -> tuple:
+    """m16 quantised to int8 QDQ with ONNX Runtime's quantize_static (per-channel)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Calibration(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"image": images((1, 3, 64, 64), seed=i)} for i in range(2)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    path = tmp_path_factory.mktemp("int8") / "model.onnx"
+    quantize_static(str(entries["m16"].onnx_path), str(path), Calibration(),
+                    quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8)  # fmt: skip
+    return path
+
+
+def test_int8_qdq_graph_is_refused_with_what_to_do(int8_graph):
+    with pytest.raises(GraphNotReadable) as info:
+        read_serving_module(int8_graph)
+    message = str(info.value)
+    assert "int8 quantised graph" in message and "QuantizeLinear" in message
+    assert "--backend onnxruntime" in message and str(int8_graph) in message
+
+
+def test_unknown_op_is_refused_naming_the_node(entries, tmp_path):
+    model = onnx.load(str(entries["m16"].onnx_path))
+    relu = next(node for node in model.graph.node if node.op_type == "Relu")
+    relu.op_type = "LeakyRelu"
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(GraphNotReadable, match=rf"node '{relu.name}' \(LeakyRelu\) is not an op"):
+        read_serving_module(path)
+
+
+def test_a_damaged_file_is_refused(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"not a protobuf at all")
+    with pytest.raises(GraphNotReadable, match="cannot read"):
+        read_serving_module(path)
+
+
+def test_server_refuses_to_start_on_an_int8_graph(two_model_repository, int8_graph, tmp_path):
+    repo, _ = two_model_repository
+    shutil.copytree(repo / "m16", tmp_path / "repo" / "m16")
+    shutil.copy(int8_graph, tmp_path / "repo" / "m16" / "1" / "model.onnx")
+    result = run_server_cli("--repository", str(tmp_path / "repo"), "--backend", "torch")
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: --backend torch cannot run ")
+    assert "int8 quantised graph" in line and "--backend onnxruntime" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_server_without_cuda_refuses_torch_device_cuda(two_model_repository):
+    repo, _ = two_model_repository
+    result = run_server_cli(
+        "--repository", str(repo), "--backend", "torch", "--torch-device", "cuda"
+    )
+    assert result.returncode == 2
+    assert "error: --torch-device 'cuda': no CUDA device is visible" in result.stderr
+
+
+def test_bad_warmup_sizes_are_refused():
+    result = run_server_cli("--backend", "torch", "--torch-warmup", "640by480")
+    assert result.returncode == 2
+    assert "WIDTHxHEIGHT" in result.stderr
+
+
+def test_onnxruntime_server_never_imports_torch(two_model_repository):
+    repo, _ = two_model_repository
+    code = (
+        "import sys; from server.main import create_app; from server.settings import Settings; "
+        f"create_app(Settings(repository={str(repo)!r})); "
+        "print(sorted(m for m in ('torch', 'onnx') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+# --- the HTTP front end on --backend torch ------------------------------------------------------
+
+
+def test_server_on_torch_answers_like_onnxruntime(two_model_repository, tmp_path):
+    repo, _ = two_model_repository
+    data = jpeg(320, 240, seed=11)
+    params = {"scales": "64,96,128", "heatmap": "true", "top_k": 10}
+    bodies = {}
+    for backend in ("onnxruntime", "torch"):
+        extra = ["--torch-warmup", "320x240"] if backend == "torch" else []
+        args = ["--repository", str(repo), "--backend", backend, *extra]
+        with ServerProcess(*args, log_dir=tmp_path) as server:
+            response = httpx.post(f"{server.url}/v1/classify", params=params, timeout=60,
+                                  files={"file": ("i.jpg", data, "image/jpeg")})  # fmt: skip
+            assert response.status_code == 200, response.text
+            bodies[backend] = response.json()
+            models = httpx.get(f"{server.url}/v1/models", timeout=10).json()
+            log = server.log()
+        if backend == "torch":
+            assert all(m["backend"] == "torch" for m in models["models"])
+            assert "torch backend on cpu, fp32, compile off" in log
+            assert "torch warm-up: 3 shapes x 2 models" in log
+    ort_body, torch_body = bodies["onnxruntime"], bodies["torch"]
+    for name in ("m16", "m19"):
+        expected = {p["index"]: p["probability"] for p in ort_body["per_model"][name]}
+        got = {p["index"]: p["probability"] for p in torch_body["per_model"][name]}
+        assert got.keys() == expected.keys()
+        np.testing.assert_allclose(
+            [got[i] for i in expected], list(expected.values()), rtol=0, atol=TOLERANCE
+        )
+    assert [p["index"] for p in torch_body["predictions"]] == [
+        p["index"] for p in ort_body["predictions"]
+    ]
+    assert torch_body["heatmap"]["index"] == ort_body["heatmap"]["index"]
+    heat_torch = np.asarray(torch_body["heatmap"]["scores"])
+    heat_ort = np.asarray(ort_body["heatmap"]["scores"])
+    assert relative_error(heat_torch, heat_ort) < TOLERANCE
+
+
+# --- CUDA only ----------------------------------------------------------------------------------
+
+
+@needs_cuda
+def test_cuda_fp32_equals_onnxruntime_and_bf16_within_1e2(entries):
+    fp32 = TorchBackend.from_models(entries, device="cuda", dtype="fp32", compile="off")
+    bf16 = TorchBackend.from_models(entries, device="cuda", dtype="bf16", compile="off")
+    try:
+        for shape in SHAPES:
+            batch = images(shape, seed=9)
+            for model, entry in entries.items():
+                probs, scores = onnxruntime_outputs(entry.onnx_path, batch)
+                exact = run(fp32, model, batch)
+                # cuDNN sums in another order than the CPU (TF32 is off): 1e-4, not 1e-5.
+                np.testing.assert_allclose(exact["probs"], probs, rtol=0, atol=1e-4)
+                assert relative_error(exact["scores"], scores) < 1e-4
+                half = run(bf16, model, batch, ("probs",))["probs"]
+                np.testing.assert_allclose(half, exact["probs"], rtol=0, atol=1e-2)
+    finally:
+        asyncio.run(fp32.close())
+        asyncio.run(bf16.close())
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_cuda_compile_reuses_its_graph_across_shapes(entries, mode):
+    from torch._dynamo.utils import counters
+
+    eager = TorchBackend.from_models(entries, device="cuda", dtype="bf16", compile="off")
+    compiled = TorchBackend.from_models(entries, device="cuda", dtype="bf16", compile=mode)
+    try:
+        before = counters["stats"]["unique_graphs"]
+        shapes = [(2, 3, 64, 85), (2, 3, 128, 96), (2, 3, 64, 85), (2, 3, 64, 85), (2, 3, 128, 96)]
+        for shape in shapes:  # repeats: CUDA graphs are recorded on the 2nd call, replayed after
+            batch = images(shape, seed=2)
+            for model in entries:
+                got = run(compiled, model, batch, ("probs",))["probs"]
+                reference = run(eager, model, batch, ("probs",))["probs"]
+                np.testing.assert_allclose(got, reference, rtol=0, atol=1e-2)
+        assert counters["stats"]["unique_graphs"] - before == len(entries)
+    finally:
+        asyncio.run(eager.close())
+        asyncio.run(compiled.close())

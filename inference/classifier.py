@@ -101,13 +101,17 @@ class Classifier:
         models: Mapping[str, ModelEntry],
         default_scales: Sequence[int] = DEFAULT_SCALES,
         max_rescaled_pixels: int = DEFAULT_MAX_RESCALED_PIXELS,
+        shape_multiple: int | None = None,
     ) -> None:
         if not models:
             raise ValueError("a classifier needs at least one model")
+        if shape_multiple is not None and shape_multiple < 1:
+            raise ValueError(f"shape_multiple must be positive, got {shape_multiple}")
         self.backend = backend
         self.models = dict(models)
         self.max_rescaled_pixels = max_rescaled_pixels
         self.default_scales = tuple(default_scales)
+        self.shape_multiple = shape_multiple  # None: exact rescaling (the paper's protocol)
         self.resolve(ClassifyOptions())  # the defaults themselves must be valid
 
     def resolve(self, options: ClassifyOptions) -> ClassifyOptions:
@@ -151,7 +155,7 @@ class Classifier:
 
     def check_image(self, image_size: tuple[int, int], scales: Sequence[int]) -> None:
         """Refuse images whose rescaled views would be unreasonably large."""
-        width, height = rescaled_size(*image_size, max(scales))
+        width, height = rescaled_size(*image_size, max(scales), self.shape_multiple)
         if width * height > self.max_rescaled_pixels:
             raise ExtremeAspectRatio(
                 f"the image is {image_size[0]}x{image_size[1]}; rescaled to Q={max(scales)} it "
@@ -169,18 +173,20 @@ class Classifier:
         largest = max(scales)
         crops = sorted({self.models[n].min_size for n in names})
 
-        def prepare() -> tuple[dict, dict]:
-            dense = {q: dense_batch(image, q, opts.flip) for q in scales}
-            multi = {}
-            if opts.mode in ("multicrop", "both"):
-                multi = {
-                    (q, c): multicrop_batch(image, q, c, opts.flip) for q in scales for c in crops
-                }
-            if opts.heatmap and largest not in dense:
-                dense[largest] = dense_batch(image, largest, opts.flip)
-            return dense, multi
-
-        dense, multi = await asyncio.to_thread(prepare)
+        # Every view is rescaled in its own worker thread: Pillow releases the GIL while it
+        # resamples, so the scales of one image are prepared in parallel, off the event loop.
+        multiple = self.shape_multiple
+        if opts.mode != "multicrop":
+            dense_scales = list(scales)
+        else:  # multi-crop alone needs the dense view only for a heatmap
+            dense_scales = [largest] if opts.heatmap else []
+        multi_keys = [(q, c) for q in scales for c in crops] if opts.mode != "dense" else []
+        views = await asyncio.gather(
+            *(asyncio.to_thread(dense_batch, image, q, opts.flip, multiple) for q in dense_scales),
+            *(asyncio.to_thread(multicrop_batch, image, q, c, opts.flip) for q, c in multi_keys),
+        )
+        dense = dict(zip(dense_scales, views[: len(dense_scales)], strict=True))
+        multi = dict(zip(multi_keys, views[len(dense_scales) :], strict=True))
         prepared = time.perf_counter()
 
         jobs: list[tuple[str, str, int]] = []  # (model, kind, Q)

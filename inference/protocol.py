@@ -17,16 +17,23 @@ DEFAULT_SCALES: tuple[int, ...] = (256, 384, 512)
 MULTICROP_GRID = 5
 
 
-def rescaled_size(width: int, height: int, q: int) -> tuple[int, int]:
-    """(width, height) with the shorter side Q and the longer ``floor(long * Q / short + 0.5)``."""
-    if width <= height:
-        return q, int(np.floor(height * q / width + 0.5))
-    return int(np.floor(width * q / height + 0.5)), q
+def rescaled_size(width: int, height: int, q: int, multiple: int | None = None) -> tuple[int, int]:
+    """(width, height) with the shorter side Q and the longer ``floor(long * Q / short + 0.5)``.
+
+    ``multiple`` (shape bucketing, off by default) rounds the longer side to the nearest
+    multiple of it (at least Q): a stream of photos then makes a few input shapes instead of one
+    per aspect ratio, at the cost of a slight stretch (at most ``multiple / 2`` pixels).
+    """
+    short, long = (width, height) if width <= height else (height, width)
+    side = int(np.floor(long * q / short + 0.5))
+    if multiple:
+        side = max(q, multiple * int(np.floor(side / multiple + 0.5)))
+    return (q, side) if width <= height else (side, q)
 
 
-def rescale_shorter_side(image: Image.Image, q: int) -> Image.Image:
+def rescale_shorter_side(image: Image.Image, q: int, multiple: int | None = None) -> Image.Image:
     """Resize so the shorter side is ``q`` (Pillow bilinear, as the protocol prescribes)."""
-    return image.resize(rescaled_size(*image.size, q), Image.Resampling.BILINEAR)
+    return image.resize(rescaled_size(*image.size, q, multiple), Image.Resampling.BILINEAR)
 
 
 def to_chw(image: Image.Image) -> np.ndarray:
@@ -39,9 +46,11 @@ def with_flip(views: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([views, views[..., ::-1]], axis=0))
 
 
-def dense_batch(image: Image.Image, q: int, flip: bool = True) -> np.ndarray:
+def dense_batch(
+    image: Image.Image, q: int, flip: bool = True, multiple: int | None = None
+) -> np.ndarray:
     """The uint8 batch for one (model, Q): ``[x, flip(x)]`` (or ``[x]``), shape (1|2, 3, H, W)."""
-    views = to_chw(rescale_shorter_side(image, q))[None]
+    views = to_chw(rescale_shorter_side(image, q, multiple))[None]
     return with_flip(views) if flip else views
 
 

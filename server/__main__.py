@@ -115,6 +115,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str, float]:
                         "(default: %(default)s)")  # fmt: skip
     parser.add_argument("--threads", type=_positive(int), default=None,
                         help="ONNX Runtime threads per inference (default: every core)")  # fmt: skip
+    parser.add_argument("--shape-multiple", type=_positive(int), default=None,
+                        help="round the longer rescaled side to a multiple of this (e.g. 32) so "
+                        "photos of many aspect ratios make few input shapes; slightly stretches "
+                        "the image (default: exact rescaling, as the paper)")  # fmt: skip
+    parser.add_argument("--batch-delay-ms", type=float, default=None,
+                        help="micro-batching: how long the first same-shape view batch waits for "
+                        "other requests' views to run with it; 0 turns it off (default: 2 on a "
+                        "GPU, off on CPU)")  # fmt: skip
+    parser.add_argument("--max-batch", type=_positive(int), default=defaults.max_batch,
+                        help="most views in one micro-batch (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--jpeg-draft", action="store_true",
+                        help="decode JPEGs much larger than the largest Q at 1/2, 1/4 or 1/8 size "
+                        "(libjpeg's scaled IDCT), keeping the shorter side at least twice that Q: "
+                        "faster decoding, probabilities within 1e-3 of full decoding "
+                        "(default: off, exact decoding)")  # fmt: skip
     parser.add_argument("--grace-period", type=_positive(float), default=30.0,
                         help="seconds in-flight requests get to finish after SIGTERM before the "
                         "server exits anyway (default: %(default)s)")  # fmt: skip
@@ -124,6 +139,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str, float]:
     args = parser.parse_args(argv)
     if args.max_queue < 0:
         parser.error("--max-queue must be 0 or more")
+    if args.batch_delay_ms is not None and not 0 <= args.batch_delay_ms <= 1000:
+        parser.error(f"--batch-delay-ms must be between 0 and 1000, got {args.batch_delay_ms}")
     if not 0 < args.port < 65536:
         parser.error(f"--port must be between 1 and 65535, got {args.port}")
     settings = Settings(
@@ -143,6 +160,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str, float]:
         torch_dtype=args.torch_dtype,
         torch_compile=args.torch_compile,
         torch_warmup=tuple(args.torch_warmup),
+        shape_multiple=args.shape_multiple,
+        batch_delay_ms=args.batch_delay_ms,
+        max_batch=args.max_batch,
+        jpeg_draft=args.jpeg_draft,
     )
     return settings, args.log_level, args.grace_period
 

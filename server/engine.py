@@ -60,6 +60,18 @@ class EngineHandle:
             await backend.close()
 
 
+def with_batching(backend: Backend, settings: Settings, on_gpu: bool) -> Backend:
+    """``backend`` behind a :class:`~inference.batching.MicroBatcher` when batching is on."""
+    delay_ms = settings.batch_delay_ms
+    if delay_ms is None:
+        delay_ms = 2.0 if on_gpu else 0.0
+    if delay_ms <= 0:
+        return backend
+    from inference.batching import MicroBatcher
+
+    return MicroBatcher(backend, max_delay=delay_ms / 1e3, max_batch=settings.max_batch)
+
+
 def engine_opener(settings: Settings, models: Mapping[str, ModelEntry]) -> Opener:
     """How to open the backend ``settings`` names; the Triton client is imported only if asked."""
     if settings.backend == "onnxruntime":
@@ -67,7 +79,8 @@ def engine_opener(settings: Settings, models: Mapping[str, ModelEntry]) -> Opene
 
         async def open_onnxruntime() -> Backend:
             # Loading the graphs takes seconds for full-size VGG: keep the loop responsive.
-            return await asyncio.to_thread(OnnxRuntimeBackend, models, settings.threads)
+            backend = await asyncio.to_thread(OnnxRuntimeBackend, models, settings.threads)
+            return with_batching(backend, settings, backend.on_gpu)
 
         return open_onnxruntime
     if settings.backend == "torch":
@@ -89,18 +102,14 @@ def warmup_shapes(
     """The (2, 3, H, W) batches a request for each ``--torch-warmup`` size makes at every Q."""
     from inference import rescaled_size
 
-    multiple = getattr(settings, "shape_multiple", None)  # shape bucketing, where it exists
+    multiple = settings.shape_multiple
     min_size = max(entry.min_size for entry in models.values())
     shapes = set()
     for width, height in settings.torch_warmup:
         for q in settings.scales:
             if q < min_size:
                 continue  # such requests are refused before they reach the backend
-            size = (
-                rescaled_size(width, height, q, multiple)
-                if multiple
-                else rescaled_size(width, height, q)
-            )
+            size = rescaled_size(width, height, q, multiple)
             shapes.add((2, 3, size[1], size[0]))  # the image and its flip
     return sorted(shapes)
 
@@ -146,6 +155,6 @@ def torch_opener(settings: Settings, models: Mapping[str, ModelEntry]) -> Opener
                 raise
             log.info("torch warm-up: %d shapes x %d models in %.1f s", len(shapes), len(models),
                      seconds)  # fmt: skip
-        return backend
+        return with_batching(backend, settings, backend.on_gpu)
 
     return open_torch

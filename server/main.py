@@ -51,7 +51,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics=Metrics(),
         admission=Admission(settings.max_concurrency, settings.max_queue),
         engine=engine,
-        classifier=Classifier(engine, served, default_scales=settings.scales),
+        classifier=Classifier(
+            engine, served, default_scales=settings.scales, shape_multiple=settings.shape_multiple
+        ),
     )
     state.metrics.in_flight.set_function(lambda: state.admission.in_flight)
     state.metrics.waiting.set_function(lambda: state.admission.waiting)

@@ -32,9 +32,9 @@ async def read_upload(upload: UploadFile | None, field: str = "file") -> bytes:
     return data
 
 
-def decode(data: bytes, max_pixels: int) -> Image.Image:
+def decode(data: bytes, max_pixels: int, draft_short_side: int | None = None) -> Image.Image:
     """Header check (pixel limit, before any pixel is decoded), then decode to RGB."""
-    return to_rgb(open_image(data, max_pixels))
+    return to_rgb(open_image(data, max_pixels), draft_short_side)
 
 
 async def classify_bytes(
@@ -45,7 +45,10 @@ async def classify_bytes(
     assert state.decode_pool is not None, "the decode pool is made when the app starts"
     loop = asyncio.get_running_loop()
     decode_started = time.perf_counter()
-    image = await loop.run_in_executor(state.decode_pool, decode, data, state.settings.max_pixels)
+    settings = state.settings
+    # --jpeg-draft: large JPEGs decode at reduced size, never below twice the largest Q.
+    draft = 2 * max(options.scales or settings.scales) if settings.jpeg_draft else None
+    image = await loop.run_in_executor(state.decode_pool, decode, data, settings.max_pixels, draft)
     decoded = time.perf_counter()
     result = await state.classifier.classify(image, options)
     finished = time.perf_counter()

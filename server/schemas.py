@@ -92,6 +92,9 @@ class ServedModel(BaseModel):
 class ModelsResponse(BaseModel):
     models: list[ServedModel]
     default_scales: list[int]
+    shape_multiple: int | None = Field(
+        None, description="longer rescaled side rounded to this multiple; null: exact rescaling"
+    )
 
 
 class Health(BaseModel):

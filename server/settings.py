@@ -36,6 +36,14 @@ class Settings:
     torch_dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on the CPU
     torch_compile: str = "auto"  # auto: reduce-overhead (CUDA graphs) on CUDA, off on the CPU
     torch_warmup: tuple[tuple[int, int], ...] = ()  # image sizes (width, height) run at start-up
+    # Longer side rounded to a multiple of this (few input shapes); None: exact rescaling.
+    shape_multiple: int | None = None
+    # Micro-batching of same-shape views across requests (in-process backends); None: 2 ms on
+    # a GPU, off on CPU (where one run already uses every core and joining only adds latency).
+    batch_delay_ms: float | None = None
+    max_batch: int = 32
+    # Decode large JPEGs at 1/2-1/8 size (never below twice the largest Q); off: exact decoding.
+    jpeg_draft: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -56,6 +64,12 @@ class Settings:
             raise ValueError(f"torch_dtype must be one of {', '.join(TORCH_DTYPES)}")
         if self.torch_compile not in TORCH_COMPILE_MODES:
             raise ValueError(f"torch_compile must be one of {', '.join(TORCH_COMPILE_MODES)}")
+        if self.shape_multiple is not None and self.shape_multiple < 1:
+            raise ValueError("shape_multiple must be positive")
+        if self.batch_delay_ms is not None and not 0 <= self.batch_delay_ms <= 1000:
+            raise ValueError("batch_delay_ms must be between 0 and 1000")
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
 
     @property
     def max_upload_bytes(self) -> int:

@@ -65,7 +65,7 @@ class OnnxRuntimeBackend:
         concurrency: int | None = None,
     ) -> None:
         self._providers = providers()
-        on_gpu = self._providers[0] != "CPUExecutionProvider"
+        on_gpu = self.on_gpu = self._providers[0] != "CPUExecutionProvider"
         options = session_options(threads)
         self.sessions = {
             name: ort.InferenceSession(str(entry.onnx_path), options, providers=self._providers)

@@ -17,4 +17,5 @@ async def list_models(state: State) -> ModelsResponse:
     return ModelsResponse(
         models=[served_model(entry, backend) for entry in state.models.values()],
         default_scales=list(state.settings.scales),
+        shape_multiple=state.settings.shape_multiple,
     )

@@ -1,0 +1,118 @@
+"""Micro-batching: same-shape views of concurrent requests run as one batch.
+
+A view batch of one request is small (the image and its flip). On a GPU, running the views of
+several requests together fills the device far better, so :class:`MicroBatcher` holds the first
+batch of a given (model, shape, outputs) for at most ``max_delay`` seconds, joins whatever else
+of that key arrives meanwhile (up to ``max_batch`` views), runs it once and hands each caller
+its own rows. Different shapes are never padded together: exact rescaling stays exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from inference.backends.base import Backend
+
+Key = tuple[str, tuple[int, ...], tuple[str, ...]]
+
+
+@dataclass
+class _Pending:
+    arrays: list[np.ndarray] = field(default_factory=list)
+    futures: list[asyncio.Future] = field(default_factory=list)
+    views: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+
+class MicroBatcher:
+    """A :class:`~inference.backends.base.Backend` that batches another one's calls.
+
+    Args:
+        backend: the engine that runs the joined batches.
+        max_delay: seconds the first call of a batch waits for company (bounded latency cost).
+        max_batch: views in one joined batch; a call larger than this runs alone.
+    """
+
+    def __init__(self, backend: Backend, max_delay: float = 0.002, max_batch: int = 32) -> None:
+        if max_delay < 0:
+            raise ValueError(f"max_delay must be 0 or more, got {max_delay}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.backend = backend
+        self.name = backend.name
+        self.max_delay = max_delay
+        self.max_batch = max_batch
+        self._pending: dict[Key, _Pending] = {}
+        self._running: set[asyncio.Task] = set()
+        self.batches = 0  # joined runs so far (for tests and metrics)
+        self.calls = 0
+
+    async def infer(
+        self, model: str, images: np.ndarray, outputs: Sequence[str] = ("probs",)
+    ) -> dict[str, np.ndarray]:
+        self.calls += 1
+        if len(images) >= self.max_batch:
+            self.batches += 1
+            return await self.backend.infer(model, images, outputs)
+        key: Key = (model, tuple(images.shape[1:]), tuple(sorted(outputs)))
+        loop = asyncio.get_running_loop()
+        pending = self._pending.get(key)
+        if pending is not None and pending.views + len(images) > self.max_batch:
+            self._flush(key)  # full: send what waits, this call starts the next batch
+            pending = None
+        if pending is None:
+            pending = self._pending[key] = _Pending()
+            pending.timer = loop.call_later(self.max_delay, self._flush, key)
+        future = loop.create_future()
+        pending.arrays.append(images)
+        pending.futures.append(future)
+        pending.views += len(images)
+        if pending.views >= self.max_batch:
+            self._flush(key)
+        return await future
+
+    def _flush(self, key: Key) -> None:
+        pending = self._pending.pop(key, None)
+        if pending is None:
+            return
+        if pending.timer is not None:
+            pending.timer.cancel()
+        task = asyncio.get_running_loop().create_task(self._run(key, pending))
+        self._running.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._running.discard)
+
+    async def _run(self, key: Key, pending: _Pending) -> None:
+        model, _, outputs = key
+        self.batches += 1
+        try:
+            joined = (
+                pending.arrays[0] if len(pending.arrays) == 1 else np.concatenate(pending.arrays)
+            )
+            result = await self.backend.infer(model, joined, outputs)
+        except BaseException as exc:  # every caller of the batch gets the failure
+            for future in pending.futures:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        start = 0
+        for array, future in zip(pending.arrays, pending.futures, strict=True):
+            stop = start + len(array)
+            if not future.done():  # the caller may have been cancelled (client gone)
+                future.set_result({name: value[start:stop] for name, value in result.items()})
+            start = stop
+
+    async def ready(self) -> bool:
+        return await self.backend.ready()
+
+    async def close(self) -> None:
+        for key in list(self._pending):
+            self._flush(key)
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+        await self.backend.close()

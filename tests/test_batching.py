@@ -1,0 +1,220 @@
+"""Micro-batching across requests and shape bucketing: same numbers, fewer runs, few shapes."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from inference import Classifier, ClassifyOptions, read_repository
+from inference.backends.onnxruntime import OnnxRuntimeBackend
+from inference.batching import MicroBatcher
+from inference.protocol import dense_batch, rescaled_size
+from tests.server_process import ServerProcess, run_server_cli
+
+
+class Recording:
+    """Forwards to a real backend and records the batch size of every run."""
+
+    def __init__(self, backend) -> None:
+        self.backend, self.name, self.sizes = backend, backend.name, []
+
+    async def infer(self, model, images, outputs=("probs",)):
+        self.sizes.append(len(images))
+        return await self.backend.infer(model, images, outputs)
+
+    async def ready(self):
+        return True
+
+    async def close(self):
+        await self.backend.close()
+
+
+def photo(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def served(two_model_repository):
+    repo, _ = two_model_repository
+    return read_repository(repo)
+
+
+def test_concurrent_same_shape_views_run_as_one_batch_with_the_same_numbers(served):
+    images = [photo(96, 72, seed) for seed in range(5)]
+    views = [dense_batch(image, 64) for image in images]
+
+    async def run():
+        plain = OnnxRuntimeBackend(served)
+        alone = [(await plain.infer("m16", v, ("probs", "scores"))) for v in views]
+        recording = Recording(plain)
+        batcher = MicroBatcher(recording, max_delay=0.05, max_batch=64)
+        together = await asyncio.gather(
+            *(batcher.infer("m16", v, ("scores", "probs")) for v in views)
+        )
+        await batcher.close()
+        return alone, together, recording.sizes
+
+    alone, together, sizes = asyncio.run(run())
+    assert sizes == [10]  # five requests x (image, flip) in one run
+    for a, b in zip(alone, together, strict=True):
+        assert set(b) == {"probs", "scores"}
+        np.testing.assert_allclose(b["probs"], a["probs"], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(b["scores"], a["scores"], rtol=0, atol=1e-5)
+
+
+def test_shapes_models_and_max_batch_are_never_mixed(served):
+    wide, tall = dense_batch(photo(96, 72, 0), 64), dense_batch(photo(72, 96, 1), 64)
+
+    async def run():
+        recording = Recording(OnnxRuntimeBackend(served))
+        batcher = MicroBatcher(recording, max_delay=0.05, max_batch=4)
+        calls = [batcher.infer("m16", wide) for _ in range(3)]  # 6 views > max_batch 4
+        calls += [batcher.infer("m16", tall), batcher.infer("m19", wide)]
+        results = await asyncio.gather(*calls)
+        await batcher.close()
+        return recording.sizes, results
+
+    sizes, results = asyncio.run(run())
+    assert sorted(sizes) == [2, 2, 2, 4]  # wide m16: 4 + 2; tall m16: 2; wide m19: 2
+    assert all(r["probs"].shape == (2, 10) for r in results)
+    np.testing.assert_allclose(results[0]["probs"], results[2]["probs"], atol=1e-6)
+    assert not np.allclose(results[0]["probs"], results[4]["probs"])  # m16 vs m19
+
+
+def test_a_failed_batch_fails_every_caller_and_the_next_batch_works(served):
+    view = dense_batch(photo(96, 72, 0), 64)
+
+    async def run():
+        batcher = MicroBatcher(OnnxRuntimeBackend(served), max_delay=0.02)
+        wrong = view[:, :, :, :10]  # 10 pixels wide: smaller than the net's 32-pixel minimum
+        failed = await asyncio.gather(
+            batcher.infer("m16", wrong), batcher.infer("m16", wrong), return_exceptions=True
+        )
+        ok = await batcher.infer("m16", view)
+        await batcher.close()
+        return failed, ok
+
+    failed, ok = asyncio.run(run())
+    assert len(failed) == 2 and all(isinstance(f, Exception) for f in failed)
+    assert ok["probs"].shape == (2, 10)
+
+
+def test_classifier_on_a_micro_batcher_equals_the_plain_classifier(served):
+    images = [photo(100 + 7 * i, 80, i) for i in range(3)] * 2  # repeated shapes join
+
+    async def run(wrap):
+        backend = OnnxRuntimeBackend(served)
+        classifier = Classifier(wrap(backend), served, default_scales=(64, 96))
+        results = await asyncio.gather(
+            *(classifier.classify(image, ClassifyOptions()) for image in images)
+        )
+        await classifier.backend.close()
+        return [r.probabilities for r in results]
+
+    plain = asyncio.run(run(lambda b: b))
+    batched = asyncio.run(run(lambda b: MicroBatcher(b, max_delay=0.02)))
+    for a, b in zip(plain, batched, strict=True):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("size", "q", "multiple", "expected"),
+    [
+        ((640, 480), 256, None, (341, 256)),
+        ((640, 480), 256, 32, (352, 256)),  # 341 -> 11 x 32
+        ((480, 640), 256, 32, (256, 352)),
+        ((500, 480), 256, 32, (256, 256)),  # 267 -> 8 x 32
+        ((1000, 990), 40, 32, (40, 40)),  # 32 would be below Q: never shorter than Q
+        ((1000, 480), 384, 64, (832, 384)),  # 800 = 12.5 x 64: halves round up
+        ((300, 300), 256, 32, (256, 256)),
+        ((1000, 999), 100, 64, (128, 100)),  # nearest multiple of 64 to 100
+    ],
+)
+def test_shape_multiple_rounds_the_longer_side_to_the_nearest_multiple(size, q, multiple, expected):
+    assert rescaled_size(*size, q, multiple) == expected
+    if multiple:
+        exact = max(rescaled_size(*size, q))
+        assert abs(max(expected) - exact) <= multiple / 2 or max(expected) == q
+
+
+def test_shape_multiple_makes_few_shapes_from_many_aspect_ratios(served):
+    rng = np.random.default_rng(0)
+    sizes = [(int(w), int(h)) for w, h in rng.integers(300, 1200, (200, 2))]
+    exact = {rescaled_size(w, h, 256) for w, h in sizes}
+    bucketed = {rescaled_size(w, h, 256, 32) for w, h in sizes}
+    assert len(exact) > 100 and len(bucketed) <= 2 * (1200 // 300 * 256 // 32 + 1)
+
+    async def shapes(multiple):
+        recording = Recording(OnnxRuntimeBackend(served))
+        classifier = Classifier(recording, served, default_scales=(64,), shape_multiple=multiple)
+        seen = []
+
+        async def infer(model, images, outputs=("probs",)):
+            seen.append(images.shape[2:])
+            return await recording.backend.infer(model, images, outputs)
+
+        recording.infer = infer
+        for w, h in [(97, 64), (101, 64), (64, 110), (64, 90)]:
+            await classifier.classify(photo(w, h, 0), ClassifyOptions(models=("m16",)))
+        return seen
+
+    assert asyncio.run(shapes(32)) == [(64, 96), (64, 96), (96, 64), (96, 64)]
+    assert asyncio.run(shapes(None)) == [(64, 97), (64, 101), (110, 64), (90, 64)]
+
+
+def test_server_with_batching_and_buckets_answers_like_the_library(two_model_repository, tmp_path):
+    repo, _ = two_model_repository
+    images = [photo(90 + 13 * i, 70, i) for i in range(4)]
+    uploads = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        uploads.append(buffer.getvalue())
+
+    async def reference():
+        served = read_repository(repo)
+        classifier = Classifier(
+            OnnxRuntimeBackend(served), served, default_scales=(64, 96), shape_multiple=32
+        )
+        return [(await classifier.classify(i, ClassifyOptions())).probabilities for i in images]
+
+    expected = asyncio.run(reference())
+    flags = ("--scales", "64,96", "--shape-multiple", "32", "--batch-delay-ms", "20")
+    with ServerProcess("--repository", str(repo), *flags, log_dir=tmp_path) as server:
+
+        async def post_all():
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+                return await asyncio.gather(
+                    *(
+                        client.post("/v1/classify", params={"top_k": 10}, files={"file": data})
+                        for data in uploads
+                    )
+                )
+
+        responses = asyncio.run(post_all())
+        listing = httpx.get(f"{server.url}/v1/models").json()
+    assert listing["shape_multiple"] == 32
+    for response, probs in zip(responses, expected, strict=True):
+        assert response.status_code == 200, response.text
+        got = {p["index"]: p["probability"] for p in response.json()["predictions"]}
+        np.testing.assert_allclose([got[i] for i in range(10)], probs, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        (("--batch-delay-ms", "5000"), "--batch-delay-ms must be between 0 and 1000"),
+        (("--shape-multiple", "0"), "must be positive"),
+        (("--max-batch", "-1"), "must be positive"),
+    ],
+)
+def test_bad_batching_flags_are_refused_with_a_message(flag, message):
+    result = run_server_cli(*flag)
+    assert result.returncode == 2
+    assert message in result.stderr

@@ -185,7 +185,15 @@ def test_server_with_batching_and_buckets_answers_like_the_library(two_model_rep
         return [(await classifier.classify(i, ClassifyOptions())).probabilities for i in images]
 
     expected = asyncio.run(reference())
-    flags = ("--scales", "64,96", "--shape-multiple", "32", "--batch-delay-ms", "20")
+    flags = (
+        "--scales",
+        "64,96",
+        "--shape-multiple",
+        "32",
+        "--batch-delay-ms",
+        "20",
+        "--jpeg-draft",
+    )
     with ServerProcess("--repository", str(repo), *flags, log_dir=tmp_path) as server:
 
         async def post_all():

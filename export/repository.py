@@ -37,7 +37,7 @@ class ModelInfo:
     std: Sequence[float]
     min_size: int
     arch: str
-    precision: str = "fp32"
+    precision: str = "fp32"  # fp32, fp16 or int8 (export/quantize.py)
 
 
 def model_config(
@@ -65,7 +65,14 @@ def model_config(
     )
     config.output.add(name="scores", data_type=mc.TYPE_FP32, dims=[info.num_classes, -1, -1])
     config.dynamic_batching.max_queue_delay_microseconds = DEFAULT_QUEUE_DELAY_US
-    config.instance_group.add(count=instance_count, kind=mc.ModelInstanceGroup.KIND_AUTO)
+    # An int8 (QDQ) graph is a CPU model: ONNX Runtime's int8 kernels are CPU kernels, and on a
+    # GPU instance its CUDA provider would run the QDQ graph node by node, slower than fp32.
+    kind = (
+        mc.ModelInstanceGroup.KIND_CPU
+        if info.precision == "int8"
+        else mc.ModelInstanceGroup.KIND_AUTO
+    )
+    config.instance_group.add(count=instance_count, kind=kind)
     config.version_policy.latest.num_versions = 1
     parameters = {
         "arch": info.arch,

@@ -3,6 +3,8 @@
     python export/to_onnx.py                       # VGG-16 and VGG-19, torchvision ImageNet weights
     python export/to_onnx.py --arch vgg16 --weights vgg16.pth --name vgg16
     python export/to_onnx.py --weights runs/demo-d/best.pth --name demo-d   # our checkpoint
+    python export/to_onnx.py --weights runs/demo-d/best.pth --precision int8 \
+        --calibration data/synthetic/train                                  # writes vgg16_bn-int8
 
 Before anything is written, ONNX Runtime (CPU) is checked against PyTorch on three input sizes;
 on a mismatch nothing is written. Writing is atomic: the repository is never left half-updated.
@@ -23,6 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import onnx  # noqa: E402
 import torch  # noqa: E402
 
+from export import quantize  # noqa: E402
 from export.graph import TOLERANCE, VERIFY_SIZES, ServingGraph, export_onnx, verify_against_torch  # noqa: E402
 from export.repository import ModelInfo, write_model  # noqa: E402
 from vgg.checkpoint import CheckpointError, LoadedWeights, load_weights  # noqa: E402
@@ -64,8 +67,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repository", type=Path, default=Path("model_repository"),
                         help="Triton model repository to write into")  # fmt: skip
     parser.add_argument("--version", type=int, default=1, help="model version folder")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
-                        help="precision of the convolutions (pre- and post-processing stay fp32)")  # fmt: skip
+    parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                        help="precision of the convolutions (pre- and post-processing stay fp32); "
+                        "int8: ONNX Runtime static quantisation for CPUs, calibrated on "
+                        "--calibration images, written as <name>-int8 unless --name is given")  # fmt: skip
+    parser.add_argument("--calibration", type=Path, default=None,
+                        help="int8: folder of images like the ones the model will serve (walked "
+                        "recursively; e.g. training images, never the validation set)")  # fmt: skip
+    parser.add_argument("--calibration-images", type=int,
+                        default=quantize.DEFAULT_CALIBRATION_IMAGES,
+                        help="int8: images taken from --calibration, spread evenly over it")  # fmt: skip
+    parser.add_argument("--calibration-scales", default=None,
+                        help="int8: Q values the calibration images are rescaled to, each with its "
+                        "flip (default: the serving scales, 256,384,512 for 224 crops, else the "
+                        "crop x1, x1.5, x2)")  # fmt: skip
+    parser.add_argument("--verify-images", type=int, default=quantize.DEFAULT_VERIFY_IMAGES,
+                        help="int8: images not used for calibration on which int8 is checked "
+                        "against fp32 before anything is written")  # fmt: skip
     parser.add_argument(
         "--labels",
         type=Path,
@@ -86,6 +104,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--opset must be between 13 and 21")
     if args.name is not None and not NAME_PATTERN.match(args.name):
         parser.error(f"--name {args.name!r}: use letters, digits, '_', '-', '.' (max 64)")
+    if args.precision == "int8" and args.calibration is None:
+        parser.error("--precision int8 needs --calibration DIR, a folder of images like the ones "
+                     "the model will serve (e.g. training images)")  # fmt: skip
+    if args.precision != "int8" and args.calibration is not None:
+        parser.error("--calibration is only used with --precision int8")
+    if args.calibration_images < 1 or args.verify_images < 1:
+        parser.error("--calibration-images and --verify-images must be at least 1")
+    if args.calibration_scales is not None:
+        try:
+            args.calibration_scales = quantize.parse_scales(args.calibration_scales)
+        except ValueError as exc:
+            parser.error(f"--calibration-scales: {exc}")
     return args
 
 
@@ -132,10 +162,20 @@ def read_labels(args: argparse.Namespace, weights: LoadedWeights) -> list[str]:
 
 def export_one(args: argparse.Namespace, arch: str | None, name: str | None) -> Path:
     started = time.perf_counter()
+    if args.precision == "int8":  # a bad folder fails now, not after the fp32 export
+        calibration, held_out = quantize.select_images(
+            args.calibration, args.calibration_images, args.verify_images
+        )
     log(f"[{name or arch}] 1/4 loading weights ({args.weights})")
     weights = load(args, arch)
     spec = weights.model.spec
-    name = name or spec.arch
+    name = name or (f"{spec.arch}-int8" if args.precision == "int8" else spec.arch)
+    if args.precision == "int8":
+        scales = args.calibration_scales or quantize.default_scales(spec.crop)
+        if min(scales) < spec.crop:
+            small = [q for q in scales if q < spec.crop]
+            raise ExportError(f"--calibration-scales {small} are below the model's input minimum "
+                              f"{spec.crop}; use scales >= {spec.crop}")  # fmt: skip
     if not NAME_PATTERN.match(name):
         raise ExportError(f"model name {name!r} is not valid; pass --name")
     labels = read_labels(args, weights)
@@ -148,7 +188,7 @@ def export_one(args: argparse.Namespace, arch: str | None, name: str | None) -> 
 
     sizes = [(max(h, spec.crop), max(w, spec.crop)) for h, w in VERIFY_SIZES]
     log(f"[{name}] 3/4 checking ONNX Runtime against PyTorch at {sizes}")
-    tolerance = TOLERANCE[args.precision]
+    tolerance = TOLERANCE["fp32" if args.precision == "int8" else args.precision]
     rows = verify_against_torch(onnx_bytes, reference, sizes)
     for row in rows:
         log(f"    {row['size'][0]}x{row['size'][1]}: relative error probs {row['probs']:.2e}, "
@@ -159,6 +199,10 @@ def export_one(args: argparse.Namespace, arch: str | None, name: str | None) -> 
             f"ONNX Runtime disagrees with PyTorch (relative error {worst:.2e} >= {tolerance:g} "
             f"for {args.precision}); nothing was written"
         )
+    extra_metadata = {}
+    if args.precision == "int8":
+        onnx_bytes, extra_metadata = quantize_verified(args, onnx_bytes, name, scales,
+                                                       calibration, held_out)  # fmt: skip
 
     model = onnx.load_from_string(onnx_bytes)
     metadata = {
@@ -174,7 +218,9 @@ def export_one(args: argparse.Namespace, arch: str | None, name: str | None) -> 
         "source": weights.source,
         "sha256": weights.sha256,
         "max_relative_error": f"{worst:.3e}",
+        **extra_metadata,
     }
+    del model.metadata_props[:]  # the quantiser's own entries; ours say it all
     onnx.helper.set_model_props(model, metadata)
     model.producer_name = "vggserve"
     info = ModelInfo(
@@ -193,12 +239,56 @@ def export_one(args: argparse.Namespace, arch: str | None, name: str | None) -> 
     return path
 
 
+def quantize_verified(
+    args: argparse.Namespace,
+    onnx_bytes: bytes,
+    name: str,
+    scales: tuple[int, ...],
+    calibration: list[Path],
+    held_out: list[Path],
+) -> tuple[bytes, dict[str, str]]:
+    """The int8 graph of fp32 ``onnx_bytes``, checked against it; raises ExportError if too far."""
+    log(f"[{name}] 3b/4 int8: calibrating on {len(calibration)} images of {args.calibration} "
+        f"at Q={','.join(map(str, scales))} with flips")  # fmt: skip
+    int8_bytes = quantize.quantize_int8(onnx_bytes, calibration, scales)
+    unseen = "held-out" if not set(held_out) & set(calibration) else "calibration"
+    log(f"[{name}] 3c/4 int8: checking against fp32 on {len(held_out)} {unseen} images")
+    agreement = quantize.verify_int8(int8_bytes, onnx_bytes, held_out, scales)
+    log(f"    top-1 agreement {agreement.top1_agreement:.1%}, "
+        f"largest posterior difference {agreement.max_prob_diff:.4f}")  # fmt: skip
+    if not agreement.acceptable():
+        raise ExportError(
+            f"int8 disagrees with fp32 on {len(held_out)} {unseen} images of {args.calibration} "
+            f"(top-1 agreement {agreement.top1_agreement:.1%} < {quantize.MIN_TOP1_AGREEMENT:.0%} "
+            f"or largest posterior difference {agreement.max_prob_diff:.3f} > "
+            f"{quantize.MAX_PROB_DIFF}); nothing was written. Calibrate on more images "
+            "(--calibration-images) like the ones served, or serve fp32"
+        )
+    metadata = {
+        "calibration": json.dumps(
+            {
+                "folder": str(args.calibration),
+                "images": len(calibration),
+                "scales": list(scales),
+                "flip": True,
+            }
+        ),  # fmt: skip
+        "quantization": "onnxruntime quantize_static QDQ, per-channel s8 weights, u8 activations, "
+        f"min/max calibration; quantised ops {','.join(quantize.QUANTIZED_OPS)}",
+        "int8_top1_agreement": f"{agreement.top1_agreement:.4f}",
+        "int8_max_prob_diff": f"{agreement.max_prob_diff:.4e}",
+        "int8_verify_images": str(agreement.images),
+    }
+    return int8_bytes, metadata
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.arch is None and args.weights == "imagenet":
         if args.name:
             raise SystemExit("error: --name needs --arch when exporting the default models")
-        jobs = [(arch, arch) for arch in DEFAULT_MODELS]
+        suffix = "-int8" if args.precision == "int8" else ""
+        jobs = [(arch, arch + suffix) for arch in DEFAULT_MODELS]
     else:
         if args.arch is not None:
             try:

@@ -54,6 +54,17 @@ class EngineHandle:
     async def ready(self) -> bool:
         return self._backend is not None and await self._backend.ready()
 
+    async def not_ready_reason(self) -> str | None:
+        """Why the open backend cannot serve, where it can say (Triton's ``check``)."""
+        check = getattr(self._backend, "check", None)
+        if check is None:
+            return None
+        try:
+            await check()
+        except Exception as exc:
+            return str(exc)
+        return None
+
     async def close(self) -> None:
         if self._backend is not None:
             backend, self._backend = self._backend, None

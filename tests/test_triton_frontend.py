@@ -118,6 +118,7 @@ def test_503_while_triton_is_down_then_success_without_restarting(two_model_repo
             # Triton down at start: not ready, and a clear 503.
             ready = httpx.get(f"{front.url}/readyz")
             assert ready.status_code == 503 and ready.json()["ready"] is False
+            assert f"Triton at 127.0.0.1:{grpc} is unreachable" in ready.json()["detail"]
             down = classify(front.url, image)
             assert down.status_code == 503
             assert f"Triton at 127.0.0.1:{grpc} is unreachable" in down.json()["detail"]

@@ -39,6 +39,7 @@ async def readyz(state: State) -> Readiness | JSONResponse:
         ready, detail = False, f"{type(exc).__name__}: {exc}"
     if ready:
         return Readiness(ready=True, backend=name)
+    detail = detail or await state.engine.not_ready_reason()
     body = Readiness(ready=False, backend=name, detail=detail or f"the {name} backend is not ready")
     return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
 

@@ -85,8 +85,9 @@ def read_model(model_dir: Path) -> ModelEntry:
     )
 
 
-def read_repository(repository: Path, names: list[str] | None = None) -> dict[str, ModelEntry]:
-    """Models of ``repository`` by name (all, or ``names`` in that order)."""
+def model_names(repository: Path, names: list[str] | None = None) -> list[str]:
+    """The model folders of ``repository`` (all, sorted, or ``names`` in that order, checked);
+    raises :class:`RepositoryError` saying what to do when there are none."""
     repository = Path(repository)
     if not repository.is_dir():
         raise RepositoryError(
@@ -111,4 +112,10 @@ def read_repository(repository: Path, names: list[str] | None = None) -> dict[st
             f"model repository {repository} holds no models; export some with "
             "python export/to_onnx.py (or make models)"
         )
-    return {name: read_model(repository / name) for name in available}
+    return available
+
+
+def read_repository(repository: Path, names: list[str] | None = None) -> dict[str, ModelEntry]:
+    """Models of ``repository`` by name (all, or ``names`` in that order)."""
+    repository = Path(repository)
+    return {name: read_model(repository / name) for name in model_names(repository, names)}

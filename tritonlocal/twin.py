@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from export.repository import config_text, parse_config
-from inference.repository import RepositoryError
+from inference.repository import RepositoryError, model_names
 
 MODEL_TEMPLATE = Path(__file__).with_name("python_model.py")
 
@@ -47,26 +47,7 @@ def write_twin(
     """
     repository = Path(repository).resolve()
     twin = Path(twin)
-    if not repository.is_dir():
-        raise RepositoryError(
-            f"model repository {repository} does not exist; export models into it with "
-            "python export/to_onnx.py (or make models)"
-        )
-    models = sorted(
-        p.name
-        for p in repository.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and (p / "config.pbtxt").is_file()
-    )
-    if names:
-        missing = [n for n in names if n not in models]
-        if missing:
-            raise RepositoryError(f"no model {', '.join(missing)} in {repository}")
-        models = list(names)
-    if not models:
-        raise RepositoryError(
-            f"model repository {repository} holds no models; export some with "
-            "python export/to_onnx.py (or make models)"
-        )
+    models = model_names(repository, names)
     if twin.exists():
         shutil.rmtree(twin)
     twin.mkdir(parents=True)

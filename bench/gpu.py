@@ -150,19 +150,11 @@ def conv_flops(layers, n: int, height: int, width: int) -> int:
     return total
 
 
-def view_shapes(profile: Profile, multiple: int | None = None) -> list[tuple[int, int]]:
+def view_shapes(profile: Profile) -> list[tuple[int, int]]:
     """(H, W) of the rescaled 4:3 source at each Q."""
     from inference import rescaled_size
 
-    shapes = []
-    for q in profile.scales:
-        width, height = (
-            rescaled_size(*profile.source, q, multiple)
-            if multiple
-            else rescaled_size(*profile.source, q)
-        )
-        shapes.append((height, width))
-    return shapes
+    return [rescaled_size(*profile.source, q)[::-1] for q in profile.scales]
 
 
 def measure_peak(profile: Profile, device) -> dict:
@@ -489,20 +481,21 @@ def bench_http(profile, repo, arch, out, results, budget) -> None:
     mode = profile.compile_modes[0]
     images = [jpeg_of_size(*profile.source, seed=i) for i in range(8)]
     scales = ",".join(map(str, profile.scales))
-    with Server(server_args(profile, repo, arch, mode), out / f"server-http-{arch}.log",
+    # Micro-batches as large as the backend's batch-32 runs (64 views), where the server has them.
+    extra = ["--max-batch", str(2 * max(profile.batches))] if server_has_flag("--max-batch") else []
+    with Server(server_args(profile, repo, arch, mode, extra), out / f"server-http-{arch}.log",
                 min(profile.server_start_s, budget.left())) as server:  # fmt: skip
         client = Client(server.port, f"scales={scales}&flip=true")
         for data in images[:3]:  # the warm-up covered the shapes; this warms the connections
             client.classify(data)
         latencies = [client.classify(images[i % len(images)])[0] for i in range(10)]
+        load = [images[i % len(images)] for i in range(profile.http_requests)]
         with ThreadPoolExecutor(profile.http_clients) as pool:
-            list(pool.map(client.classify, images * 2))
+            # One untimed pass: micro-batches of new sizes compile nothing (dynamic shapes) but
+            # record their CUDA graphs on first use.
+            list(pool.map(client.classify, load))
             start = time.perf_counter()
-            list(
-                pool.map(
-                    client.classify, [images[i % len(images)] for i in range(profile.http_requests)]
-                )
-            )
+            list(pool.map(client.classify, load))
             seconds = time.perf_counter() - start
     backend_rows = [r for r in results.data["pipeline"]
                     if r["model"] == arch and r["method"].endswith(f"compile {mode}")]  # fmt: skip
@@ -510,6 +503,7 @@ def bench_http(profile, repo, arch, out, results, budget) -> None:
     flops = results.data["flops_per_image"][arch]
     row = {
         "model": arch, "method": f"HTTP front end, torch backend compile {mode}",
+        "server_flags": " ".join(extra),
         "clients": profile.http_clients, "requests": profile.http_requests,
         "images_per_s": profile.http_requests / seconds,
         "tflops": flops * profile.http_requests / seconds / 1e12,
@@ -547,7 +541,7 @@ def bench_stream(profile, repo, arch, out, results, budget, multiple: int | None
     scales = ",".join(map(str, profile.scales))
 
     def shapes_of(size):
-        return tuple(rescaled_size(*size, q, multiple) if multiple else rescaled_size(*size, q)
+        return tuple(rescaled_size(*size, q, multiple)
                      for q in profile.scales)  # fmt: skip
 
     seen: dict[tuple, int] = {}

@@ -10,14 +10,16 @@ Choices made here, and why:
 * **cuDNN benchmark off** (cuDNN's heuristics pick the algorithm). With benchmark on, every new
   input shape pays an algorithm search (ONNX Runtime users report ~0.6 s per shape with
   EXHAUSTIVE search), and exact rescaling of photos of many aspect ratios makes many shapes.
-* **torch.compile with dynamic shapes**, not a per-shape cache: one compile per model (plus one
-  when the batch first is 1, which dynamo specialises) serves every H and W. Inductor leaves the
-  convolutions to cuDNN either way and fuses the elementwise work around them, so static shapes
+* **torch.compile with dynamic shapes**, not a per-shape cache: one compile per model serves
+  every H and W (plus one more when a size of 1 first appears, which the compiler specialises:
+  a batch of a single view, or a 1x1 score map at Q = 224). Inductor (outside max-autotune)
+  leaves the convolutions to cuDNN and fuses the elementwise work around them, so static shapes
   would buy little and cost a compile (tens of seconds for VGG) on every new aspect ratio.
 * **CUDA graphs where shapes repeat** (``reduce-overhead``, the CUDA default): CUDA graph trees
   record one graph per distinct input shape on its second call and replay it from the third, so
   a shape seen once costs no capture, a recurring one (bucketed shapes, warm-up shapes) runs
-  without per-kernel launch overhead.
+  without per-kernel launch overhead. Behind the server's micro-batching every batch size of a
+  shape is a shape of its own (graphs share one memory pool).
 * **One worker thread per device**: runs are serialised on the device anyway, PyTorch releases
   the GIL while kernels run, and CUDA graph trees keep their state per thread, so every run
   (warm-up included) must come from the same thread.

@@ -105,7 +105,8 @@ def select_images(
     if calibration < 1:
         raise CalibrationError(f"--calibration-images must be at least 1, not {calibration}")
     chosen = _spread(files, calibration)
-    rest = [p for p in files if p not in set(chosen)]
+    taken = set(chosen)
+    rest = [p for p in files if p not in taken]
     return chosen, _spread(rest, verify) if rest else chosen[:verify]
 
 

@@ -68,11 +68,15 @@ class OnnxRuntimeBackend:
         on_gpu = self.on_gpu = self._providers[0] != "CPUExecutionProvider"
         options = session_options(threads)
         self.sessions = {
-            name: ort.InferenceSession(str(entry.onnx_path), options, providers=self._providers)
+            name: ort.InferenceSession(str(entry.onnx_path), options, providers=self._for(entry))
             for name, entry in models.items()
         }
         workers = concurrency or (2 if on_gpu else 1)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ort")
+
+    def _for(self, entry: ModelEntry) -> list:
+        # int8 QDQ graphs are for CPUs (VNNI kernels); on CUDA they would fall back op by op.
+        return ["CPUExecutionProvider"] if entry.precision == "int8" else self._providers
 
     def run(
         self, model: str, images: np.ndarray, outputs: Sequence[str] = ("probs",)

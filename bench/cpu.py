@@ -32,7 +32,7 @@ from export.graph import ServingGraph
 from export.repository import ModelInfo, write_model
 from inference import decode_image, read_repository
 from inference.backends.onnxruntime import session_options
-from inference.protocol import dense_batch
+from inference.protocol import dense_batch, parse_scales
 from vgg.convert import to_fully_conv
 from vgg.models import build
 
@@ -110,7 +110,7 @@ def main() -> None:
                         help="int8 calibration images (random weights: speed does not depend on it)")  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=None, help="keep exports here (reused)")
     args = parser.parse_args()
-    scales = quantize.parse_scales(args.scales)
+    scales = parse_scales(args.scales)
     models = args.models.split(",")
     print(f"{machine()}; load average {load_average()} at the start", flush=True)
     images = [decode_image(data) for data in jpeg_images(args.images + 1, seed=1)]

@@ -22,7 +22,7 @@ from common import ROOT, machine
 
 from export import quantize, to_onnx
 from inference import read_repository
-from inference.protocol import average_posteriors
+from inference.protocol import average_posteriors, parse_scales
 
 DEMO = ("demo-vgg16", "demo-vgg19")
 
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=None, help="validation images (all)")
     parser.add_argument("--calibration-images", type=int, default=64)
     args = parser.parse_args()
-    scales = quantize.parse_scales(args.scales)
+    scales = parse_scales(args.scales)
     files, classes = labelled_images(args.val, args.images)
     names = args.models.split(",")
     print(f"{machine()}; {len(files)} validation images, Q={list(scales)} with flips")

@@ -75,17 +75,6 @@ def default_scales(min_size: int) -> tuple[int, ...]:
     return (min_size, min_size * 3 // 2, min_size * 2)
 
 
-def parse_scales(text: str) -> tuple[int, ...]:
-    """``"64,96,128"`` -> (64, 96, 128); raises ValueError on anything else."""
-    try:
-        scales = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        scales = ()
-    if not scales or min(scales) <= 0:
-        raise ValueError(f"scales {text!r}: give positive integers, e.g. 256,384,512")
-    return scales
-
-
 def select_images(
     folder: Path, calibration: int, verify: int = DEFAULT_VERIFY_IMAGES
 ) -> tuple[list[Path], list[Path]]:

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from export import quantize  # noqa: E402
 from export.graph import TOLERANCE, VERIFY_SIZES, ServingGraph, export_onnx, verify_against_torch  # noqa: E402
 from export.repository import ModelInfo, write_model  # noqa: E402
+from inference.protocol import parse_scales  # noqa: E402
 from vgg.checkpoint import CheckpointError, LoadedWeights, load_weights  # noqa: E402
 from vgg.convert import to_fully_conv  # noqa: E402
 from vgg.models import resolve_arch  # noqa: E402
@@ -113,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--calibration-images and --verify-images must be at least 1")
     if args.calibration_scales is not None:
         try:
-            args.calibration_scales = quantize.parse_scales(args.calibration_scales)
+            args.calibration_scales = parse_scales(args.calibration_scales)
         except ValueError as exc:
             parser.error(f"--calibration-scales: {exc}")
     return args

@@ -17,6 +17,17 @@ DEFAULT_SCALES: tuple[int, ...] = (256, 384, 512)
 MULTICROP_GRID = 5
 
 
+def parse_scales(text: str) -> tuple[int, ...]:
+    """``"256,384,512"`` -> (256, 384, 512); raises ``ValueError`` saying what to give."""
+    try:
+        scales = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        scales = ()
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"scales {text!r}: give positive integers, e.g. 256,384,512")
+    return scales
+
+
 def rescaled_size(width: int, height: int, q: int, multiple: int | None = None) -> tuple[int, int]:
     """(width, height) with the shorter side Q and the longer ``floor(long * Q / short + 0.5)``.
 

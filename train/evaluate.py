@@ -34,6 +34,7 @@ from inference.protocol import (
     multicrop_batch,
     rescaled_size,
 )
+from inference.protocol import parse_scales as parse_scale_list
 from train.data import Folder, load_rgb, scan_folder
 from vgg.checkpoint import load_weights
 from vgg.convert import to_fully_conv
@@ -159,14 +160,11 @@ def load_images(folder: Folder, indices: Sequence[int]) -> tuple[list[Image.Imag
 
 
 def parse_scales(text: str) -> tuple[int, ...]:
-    """``"64,96,128"`` -> (64, 96, 128)."""
+    """``"64,96,128"`` -> (64, 96, 128), for argparse (its message, not argparse's)."""
     try:
-        scales = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        scales = ()
-    if not scales or min(scales) <= 0:
-        raise argparse.ArgumentTypeError(f"scales {text!r}: give positive integers, e.g. 64,96,128")
-    return scales
+        return parse_scale_list(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -6,7 +6,9 @@ do, instead of failing late or measuring the CPU by mistake.
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_benchmark_stops_at_once_without_cuda(tmp_path):
     out = tmp_path / "gpu"
     result = subprocess.run(
-        ["bash", "bench/gpu.sh", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120
+        ["bash", "bench/gpu.sh", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHON": sys.executable},  # this venv, wherever it lies
     )
     assert result.returncode == 2
     assert "no CUDA device is visible" in result.stderr

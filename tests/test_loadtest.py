@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
 import subprocess
+import sys
 
 import httpx
 import pytest
@@ -20,6 +22,8 @@ from loadtest.processes import FrontEnd
 from .conftest import ROOT
 
 SCALES = "64,96,128"
+# The script runs the interpreter these tests run in, wherever its virtual environment lies.
+SCRIPT_ENV = {**os.environ, "PYTHON": sys.executable}
 
 
 def test_smoke_load_run_has_no_failed_request(two_model_repository, tmp_path):
@@ -28,7 +32,7 @@ def test_smoke_load_run_has_no_failed_request(two_model_repository, tmp_path):
     result = subprocess.run(
         ["loadtest/run.sh", "--repository", str(repository), "--scales", SCALES,
          "--duration", "20s", "--users", "6", "--spawn-rate", "6", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=SCRIPT_ENV,
     )  # fmt: skip
     report = result.stdout + result.stderr
     assert result.returncode == 0, report
@@ -57,7 +61,7 @@ def test_run_fails_when_requests_fail(two_model_repository, tmp_path):
         result = subprocess.run(
             ["loadtest/run.sh", "--host", front.url, "--duration", "4s", "--users", "2",
              "--spawn-rate", "2", "--out", str(out)],
-            cwd=ROOT, capture_output=True, text=True, timeout=60,
+            cwd=ROOT, capture_output=True, text=True, timeout=60, env=SCRIPT_ENV,
         )  # fmt: skip
     assert result.returncode == 1, result.stdout + result.stderr
     assert "413" in result.stdout and "FAILED" in result.stdout

@@ -48,15 +48,11 @@ class MicroBatcher:
         self.max_batch = max_batch
         self._pending: dict[Key, _Pending] = {}
         self._running: set[asyncio.Task] = set()
-        self.batches = 0  # joined runs so far (for tests and metrics)
-        self.calls = 0
 
     async def infer(
         self, model: str, images: np.ndarray, outputs: Sequence[str] = ("probs",)
     ) -> dict[str, np.ndarray]:
-        self.calls += 1
         if len(images) >= self.max_batch:
-            self.batches += 1
             return await self.backend.infer(model, images, outputs)
         key: Key = (model, tuple(images.shape[1:]), tuple(sorted(outputs)))
         loop = asyncio.get_running_loop()
@@ -87,7 +83,6 @@ class MicroBatcher:
 
     async def _run(self, key: Key, pending: _Pending) -> None:
         model, _, outputs = key
-        self.batches += 1
         try:
             joined = (
                 pending.arrays[0] if len(pending.arrays) == 1 else np.concatenate(pending.arrays)

@@ -39,7 +39,8 @@ models: venv
 
 # The main job: the HTTP front end on the embedded ONNX Runtime backend. The demo models are
 # trained at S in [64, 128], so a repository of only demo models is served at Q = 64,96,128.
-DEMO_SCALES = $(shell ls $(MODEL_REPOSITORY) 2>/dev/null | grep -qv '^demo-' || echo --scales 64,96,128)
+# Model folders only: model_repository/README.md is not a model.
+DEMO_SCALES = $(shell cd $(MODEL_REPOSITORY) 2>/dev/null && ls -d */ 2>/dev/null | grep -qv '^demo-' || echo --scales 64,96,128)
 serve: models
 	$(PY) -m server --repository $(MODEL_REPOSITORY) --host $(HOST) --port $(PORT) \
 		$(or $(SERVE_FLAGS),$(DEMO_SCALES))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import struct
 import warnings
 
@@ -40,7 +41,15 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise TooManyPixels(f"the image has too many pixels ({exc})") from exc
+        # Pillow's own limit (raised to at least ours by the server) answered first; say it our
+        # way, with the size its message gives.
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f": {int(claimed.group(1)):,}" if claimed else ""
+        raise TooManyPixels(
+            f"the image has too many pixels{size}, over the limit of "
+            f"{min(max_pixels, int(Image.MAX_IMAGE_PIXELS or max_pixels)):,}; downscale it "
+            "before uploading"
+        ) from exc
     except UnidentifiedImageError as exc:
         raise NotAnImage(
             "the file is not an image Pillow can read (JPEG, PNG, GIF, WebP, TIFF, BMP, ...)"

@@ -10,7 +10,7 @@ its own rows. Different shapes are never padded together: exact rescaling stays 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,9 +35,16 @@ class MicroBatcher:
         backend: the engine that runs the joined batches.
         max_delay: seconds the first call of a batch waits for company (bounded latency cost).
         max_batch: views in one joined batch; a call larger than this runs alone.
+        on_batch: called with the number of views of every run (e.g. a metrics histogram).
     """
 
-    def __init__(self, backend: Backend, max_delay: float = 0.002, max_batch: int = 32) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        max_delay: float = 0.002,
+        max_batch: int = 32,
+        on_batch: Callable[[int], object] | None = None,
+    ) -> None:
         if max_delay < 0:
             raise ValueError(f"max_delay must be 0 or more, got {max_delay}")
         if max_batch < 1:
@@ -46,6 +53,7 @@ class MicroBatcher:
         self.name = backend.name
         self.max_delay = max_delay
         self.max_batch = max_batch
+        self._on_batch = on_batch or (lambda _views: None)
         self._pending: dict[Key, _Pending] = {}
         self._running: set[asyncio.Task] = set()
 
@@ -53,6 +61,7 @@ class MicroBatcher:
         self, model: str, images: np.ndarray, outputs: Sequence[str] = ("probs",)
     ) -> dict[str, np.ndarray]:
         if len(images) >= self.max_batch:
+            self._on_batch(len(images))
             return await self.backend.infer(model, images, outputs)
         key: Key = (model, tuple(images.shape[1:]), tuple(sorted(outputs)))
         loop = asyncio.get_running_loop()
@@ -83,6 +92,7 @@ class MicroBatcher:
 
     async def _run(self, key: Key, pending: _Pending) -> None:
         model, _, outputs = key
+        self._on_batch(pending.views)
         try:
             joined = (
                 pending.arrays[0] if len(pending.arrays) == 1 else np.concatenate(pending.arrays)

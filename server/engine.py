@@ -71,7 +71,9 @@ class EngineHandle:
             await backend.close()
 
 
-def with_batching(backend: Backend, settings: Settings, on_gpu: bool) -> Backend:
+def with_batching(
+    backend: Backend, settings: Settings, on_gpu: bool, on_batch: Callable[[int], object] | None
+) -> Backend:
     """``backend`` behind a :class:`~inference.batching.MicroBatcher` when batching is on."""
     delay_ms = settings.batch_delay_ms
     if delay_ms is None:
@@ -80,10 +82,16 @@ def with_batching(backend: Backend, settings: Settings, on_gpu: bool) -> Backend
         return backend
     from inference.batching import MicroBatcher
 
-    return MicroBatcher(backend, max_delay=delay_ms / 1e3, max_batch=settings.max_batch)
+    return MicroBatcher(
+        backend, max_delay=delay_ms / 1e3, max_batch=settings.max_batch, on_batch=on_batch
+    )
 
 
-def engine_opener(settings: Settings, models: Mapping[str, ModelEntry]) -> Opener:
+def engine_opener(
+    settings: Settings,
+    models: Mapping[str, ModelEntry],
+    on_batch: Callable[[int], object] | None = None,
+) -> Opener:
     """How to open the backend ``settings`` names; the Triton client is imported only if asked."""
     if settings.backend == "onnxruntime":
         from inference.backends.onnxruntime import OnnxRuntimeBackend
@@ -91,11 +99,11 @@ def engine_opener(settings: Settings, models: Mapping[str, ModelEntry]) -> Opene
         async def open_onnxruntime() -> Backend:
             # Loading the graphs takes seconds for full-size VGG: keep the loop responsive.
             backend = await asyncio.to_thread(OnnxRuntimeBackend, models, settings.threads)
-            return with_batching(backend, settings, backend.on_gpu)
+            return with_batching(backend, settings, backend.on_gpu, on_batch)
 
         return open_onnxruntime
     if settings.backend == "torch":
-        return torch_opener(settings, models)
+        return torch_opener(settings, models, on_batch)
     try:
         from inference.backends.triton import TritonBackend
     except ImportError as exc:
@@ -125,7 +133,11 @@ def warmup_shapes(
     return sorted(shapes)
 
 
-def torch_opener(settings: Settings, models: Mapping[str, ModelEntry]) -> Opener:
+def torch_opener(
+    settings: Settings,
+    models: Mapping[str, ModelEntry],
+    on_batch: Callable[[int], object] | None = None,
+) -> Opener:
     """``--backend torch``: the graphs are read now, so an unreadable one (an int8 graph, a
     foreign op) or a missing GPU stops the start with one line; moving them to the device,
     compiling and warming up happen when the app starts, before it answers."""
@@ -166,6 +178,6 @@ def torch_opener(settings: Settings, models: Mapping[str, ModelEntry]) -> Opener
                 raise
             log.info("torch warm-up: %d shapes x %d models in %.1f s", len(shapes), len(models),
                      seconds)  # fmt: skip
-        return with_batching(backend, settings, backend.on_gpu)
+        return with_batching(backend, settings, backend.on_gpu, on_batch)
 
     return open_torch

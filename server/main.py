@@ -44,11 +44,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # --max-pixels must be able to take effect, so Pillow's limit is raised to match.
     Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, settings.max_pixels)
     served = read_repository(settings.repository, list(settings.models or ()) or None)
-    engine = EngineHandle(settings.backend, engine_opener(settings, served))
+    metrics = Metrics()
+    engine = EngineHandle(
+        settings.backend, engine_opener(settings, served, on_batch=metrics.batch_views.observe)
+    )
     state = ServerState(
         settings=settings,
         models=served,
-        metrics=Metrics(),
+        metrics=metrics,
         admission=Admission(settings.max_concurrency, settings.max_queue),
         engine=engine,
         classifier=Classifier(

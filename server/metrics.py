@@ -55,6 +55,12 @@ class Metrics:
             "Requests refused with 429 because every slot was busy and the queue was full",
             registry=self.registry,
         )
+        self.batch_views = Histogram(
+            "vggserve_batch_views",
+            "Views (images and flips) per backend run when micro-batching is on",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
         for stage in STAGES:  # export every stage from the start, not after the first request
             self.stage_seconds.labels(stage)
 

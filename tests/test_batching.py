@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 
 import httpx
 import numpy as np
@@ -207,7 +208,12 @@ def test_server_with_batching_and_buckets_answers_like_the_library(two_model_rep
 
         responses = asyncio.run(post_all())
         listing = httpx.get(f"{server.url}/v1/models").json()
+        metrics = httpx.get(f"{server.url}/metrics").text
     assert listing["shape_multiple"] == 32
+    # 4 requests x 2 models x 2 scales, each 2 views; every view counted once, in fewer runs.
+    views = float(re.search(r"^vggserve_batch_views_sum (\S+)$", metrics, re.M).group(1))
+    runs = float(re.search(r"^vggserve_batch_views_count (\S+)$", metrics, re.M).group(1))
+    assert views == 4 * 2 * 2 * 2 and runs < 4 * 2 * 2
     for response, probs in zip(responses, expected, strict=True):
         assert response.status_code == 200, response.text
         got = {p["index"]: p["probability"] for p in response.json()["predictions"]}

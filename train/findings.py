@@ -84,10 +84,12 @@ def protocol_table(args: argparse.Namespace, images, labels) -> list[str]:
     few, few_labels = [images[i] for i in picks], labels[picks]
     crops = len(few)
     rows, dense_all, dense_few, both_few = [], [], [], []
+    graphs = {}  # net -> (serving graph, crop), read once for both tables
     for net, name in (("D", "demo-vgg16"), ("E", "demo-vgg19")):
         weights = load_weights(args.runs / name / "best.pth")
         graph = serving_graph(weights.model, weights.mean, weights.std)
         crop = weights.model.spec.crop
+        graphs[net] = graph, crop
         flipped = collect(graph, images, SCALES, crop)
         unflipped = collect(graph, images, SCALES, crop, flip=False)
         both = collect(graph, few, SCALES, crop, modes=("both",))
@@ -104,11 +106,9 @@ def protocol_table(args: argparse.Namespace, images, labels) -> list[str]:
         both_few.append(both.combine(SCALES, "both"))
     rows.append(("D + E fused, dense", _errors(average_posteriors(dense_all), labels), "all"))
     fused_default = []
-    for net, name in (("D", "demo-vgg16"), ("E", "demo-vgg19")):
+    for net, (graph, crop) in graphs.items():
         # The server's default scales: objects 2-4 times larger than in training.
-        weights = load_weights(args.runs / name / "best.pth")
-        graph = serving_graph(weights.model, weights.mean, weights.std)
-        default = collect(graph, few, SERVER_SCALES, weights.model.spec.crop).combine(SERVER_SCALES)
+        default = collect(graph, few, SERVER_SCALES, crop).combine(SERVER_SCALES)
         fused_default.append(default)
         q = ", ".join(map(str, SERVER_SCALES))
         rows.append(

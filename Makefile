@@ -37,13 +37,10 @@ models: venv
 	else echo "no ImageNet weights here: training the demo models instead (make demo-models)"; \
 		$(MAKE) demo-models; fi
 
-# The main job: the HTTP front end on the embedded ONNX Runtime backend. The demo models are
-# trained at S in [64, 128], so a repository of only demo models is served at Q = 64,96,128.
-# Model folders only: model_repository/README.md is not a model.
-DEMO_SCALES = $(shell cd $(MODEL_REPOSITORY) 2>/dev/null && ls -d */ 2>/dev/null | grep -qv '^demo-' || echo --scales 64,96,128)
+# The main job: the HTTP front end on the embedded ONNX Runtime backend. Each model is served at
+# the scales its config.pbtxt names (the demo models at Q = 64,96,128; ImageNet's at 256,384,512).
 serve: models
-	$(PY) -m server --repository $(MODEL_REPOSITORY) --host $(HOST) --port $(PORT) \
-		$(or $(SERVE_FLAGS),$(DEMO_SCALES))
+	$(PY) -m server --repository $(MODEL_REPOSITORY) --host $(HOST) --port $(PORT) $(SERVE_FLAGS)
 
 clean-models:
 	rm -rf $(MODEL_REPOSITORY)/*/

@@ -34,7 +34,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 # export -> inference (pure protocol functions): calibration must see what the server sends.
 from inference.images import ImageError, decode_image
-from inference.protocol import DEFAULT_SCALES, average_posteriors, dense_batch
+from inference.protocol import average_posteriors, dense_batch
 
 DEFAULT_CALIBRATION_IMAGES = 64
 DEFAULT_VERIFY_IMAGES = 16
@@ -65,14 +65,6 @@ class Agreement:
 
     def acceptable(self) -> bool:
         return self.top1_agreement >= MIN_TOP1_AGREEMENT and self.max_prob_diff <= MAX_PROB_DIFF
-
-
-def default_scales(min_size: int) -> tuple[int, ...]:
-    """The scales a model is served at: the paper's Q = 256,384,512 for 224 crops, else the
-    training crop x1, x1.5, x2 (the demo models' 64,96,128, as ``python -m train.evaluate``)."""
-    if min_size == 224:
-        return DEFAULT_SCALES
-    return (min_size, min_size * 3 // 2, min_size * 2)
 
 
 def select_images(

@@ -21,6 +21,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from inference.protocol import format_scales, serving_scales
+
 DEFAULT_MAX_BATCH_SIZE = 64
 # Views of one (model, scale) arrive as a batch of 2; a short wait lets concurrent requests of
 # the same shape share a batch without adding noticeable latency.
@@ -38,6 +40,8 @@ class ModelInfo:
     min_size: int
     arch: str
     precision: str = "fp32"  # fp32, fp16 or int8 (export/quantize.py)
+    # Q set a request naming none is served at; None: serving_scales(min_size).
+    scales: Sequence[int] | None = None
 
 
 def model_config(
@@ -80,6 +84,7 @@ def model_config(
         "std": json.dumps(list(info.std)),
         "min_size": str(info.min_size),
         "precision": info.precision,
+        "scales": format_scales(info.scales or serving_scales(info.min_size)),
     }
     if backend == "onnxruntime":
         # ONNX Runtime backend options: every new input shape would otherwise cost an

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from export import quantize  # noqa: E402
 from export.graph import TOLERANCE, VERIFY_SIZES, ServingGraph, export_onnx, verify_against_torch  # noqa: E402
 from export.repository import ModelInfo, write_model  # noqa: E402
-from inference.protocol import parse_scales  # noqa: E402
+from inference.protocol import parse_scales, serving_scales  # noqa: E402
 from vgg.checkpoint import CheckpointError, LoadedWeights, load_weights  # noqa: E402
 from vgg.convert import to_fully_conv  # noqa: E402
 from vgg.models import resolve_arch  # noqa: E402
@@ -72,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="precision of the convolutions (pre- and post-processing stay fp32); "
                         "int8: ONNX Runtime static quantisation for CPUs, calibrated on "
                         "--calibration images, written as <name>-int8 unless --name is given")  # fmt: skip
+    parser.add_argument("--scales", default=None,
+                        help="scales Q the model is served at when a request names none, written "
+                        "into config.pbtxt (default: 256,384,512 for 224 crops, else the crop x1, "
+                        "x1.5, x2)")  # fmt: skip
     parser.add_argument("--calibration", type=Path, default=None,
                         help="int8: folder of images like the ones the model will serve (walked "
                         "recursively; e.g. training images, never the validation set)")  # fmt: skip
@@ -112,11 +116,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--calibration is only used with --precision int8")
     if args.calibration_images < 1 or args.verify_images < 1:
         parser.error("--calibration-images and --verify-images must be at least 1")
-    if args.calibration_scales is not None:
-        try:
-            args.calibration_scales = parse_scales(args.calibration_scales)
-        except ValueError as exc:
-            parser.error(f"--calibration-scales: {exc}")
+    for flag in ("scales", "calibration_scales"):
+        if getattr(args, flag) is not None:
+            try:
+                setattr(args, flag, parse_scales(getattr(args, flag)))
+            except ValueError as exc:
+                parser.error(f"--{flag.replace('_', '-')}: {exc}")
     return args
 
 
@@ -171,8 +176,12 @@ def export_one(args: argparse.Namespace, arch: str | None, name: str | None) -> 
     weights = load(args, arch)
     spec = weights.model.spec
     name = name or (f"{spec.arch}-int8" if args.precision == "int8" else spec.arch)
+    serving = args.scales or serving_scales(spec.crop)
+    if min(serving) < spec.crop:
+        raise ExportError(f"--scales {[q for q in serving if q < spec.crop]} are below the "
+                          f"model's input minimum {spec.crop}; use scales >= {spec.crop}")  # fmt: skip
     if args.precision == "int8":
-        scales = args.calibration_scales or quantize.default_scales(spec.crop)
+        scales = args.calibration_scales or serving
         if min(scales) < spec.crop:
             small = [q for q in scales if q < spec.crop]
             raise ExportError(f"--calibration-scales {small} are below the model's input minimum "
@@ -232,6 +241,7 @@ def export_one(args: argparse.Namespace, arch: str | None, name: str | None) -> 
         min_size=spec.crop,
         arch=spec.arch,
         precision=args.precision,
+        scales=serving,
     )
     log(f"[{name}] 4/4 writing {args.repository / name}")
     path = write_model(args.repository, info, args.version, model.SerializeToString(), labels)

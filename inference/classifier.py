@@ -18,7 +18,6 @@ from PIL import Image
 from inference.backends.base import Backend
 from inference.images import ImageError
 from inference.protocol import (
-    DEFAULT_SCALES,
     average_posteriors,
     dense_batch,
     multicrop_batch,
@@ -52,12 +51,15 @@ class ExtremeAspectRatio(ImageError):
 class ClassifyOptions:
     """What one request asks for; ``None`` means the classifier's default."""
 
-    scales: tuple[int, ...] | None = None
+    scales: tuple[int, ...] | None = None  # None: each model's serving scales
     flip: bool = True
     models: tuple[str, ...] | None = None
     top_k: int | None = None  # None: 5, or every class of a model with fewer
     heatmap: bool = False
     mode: str = "dense"
+    # Filled in by Classifier.resolve: the scales each model runs at (``scales`` is then their
+    # union, what the response reports).
+    model_scales: Mapping[str, tuple[int, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ class Classifier:
         self,
         backend: Backend,
         models: Mapping[str, ModelEntry],
-        default_scales: Sequence[int] = DEFAULT_SCALES,
+        default_scales: Sequence[int] | None = None,
         max_rescaled_pixels: int = DEFAULT_MAX_RESCALED_PIXELS,
         shape_multiple: int | None = None,
     ) -> None:
@@ -110,7 +112,8 @@ class Classifier:
         self.backend = backend
         self.models = dict(models)
         self.max_rescaled_pixels = max_rescaled_pixels
-        self.default_scales = tuple(default_scales)
+        # None: each model's own serving scales (its config.pbtxt); else these for every model.
+        self.default_scales = tuple(default_scales) if default_scales else None
         self.shape_multiple = shape_multiple  # None: exact rescaling (the paper's protocol)
         self.resolve(ClassifyOptions())  # the defaults themselves must be valid
 
@@ -127,17 +130,25 @@ class Classifier:
         labels = {self.models[n].labels for n in names}
         if len(labels) > 1:
             raise OptionError("models", "these models have different classes and cannot be fused")
-        scales = tuple(options.scales) if options.scales else self.default_scales
-        min_size = max(self.models[n].min_size for n in names)
-        for q in scales:
-            if not min_size <= q <= MAX_SCALE:
-                raise OptionError(
-                    "scales",
-                    f"Q={q} is outside [{min_size}, {MAX_SCALE}] (the smallest input "
-                    f"{', '.join(names)} accept{'s' if len(names) == 1 else ''} is {min_size})",
-                )
-        if len(set(scales)) != len(scales):
-            raise OptionError("scales", "a scale is listed twice")
+        if options.model_scales is not None and options.scales:  # resolved before
+            model_scales = {n: tuple(options.model_scales[n]) for n in names}
+        else:
+            given = tuple(options.scales or ()) or self.default_scales
+            model_scales = {n: given or self.models[n].scales for n in names}
+        for scales in set(model_scales.values()):
+            using = [n for n in names if model_scales[n] == scales]
+            min_size = max(self.models[n].min_size for n in using)
+            for q in scales:
+                if not min_size <= q <= MAX_SCALE:
+                    raise OptionError(
+                        "scales",
+                        f"Q={q} is outside [{min_size}, {MAX_SCALE}] (the smallest input "
+                        f"{', '.join(using)} accept{'s' if len(using) == 1 else ''} is {min_size})",
+                    )
+            if len(set(scales)) != len(scales):
+                raise OptionError("scales", "a scale is listed twice")
+        distinct = set(model_scales.values())
+        scales = next(iter(distinct)) if len(distinct) == 1 else tuple(sorted(set().union(*distinct)))
         num_classes = self.models[names[0]].num_classes
         k = min(DEFAULT_TOP_K, num_classes) if options.top_k is None else options.top_k
         if not 1 <= k <= num_classes:
@@ -151,6 +162,7 @@ class Classifier:
             top_k=k,
             heatmap=options.heatmap,
             mode=options.mode,
+            model_scales=model_scales,
         )
 
     def check_image(self, image_size: tuple[int, int], scales: Sequence[int]) -> None:
@@ -171,7 +183,6 @@ class Classifier:
         self.check_image(image.size, opts.scales)
         names, scales = opts.models, opts.scales
         largest = max(scales)
-        crops = sorted({self.models[n].min_size for n in names})
 
         # One worker thread per request rescales its scales, off the event loop; requests run in
         # parallel. A thread per scale made RSS creep (+16% over 300 requests, bench/memory.py).
@@ -180,7 +191,11 @@ class Classifier:
             dense_scales = list(scales)
         else:  # multi-crop alone needs the dense view only for a heatmap
             dense_scales = [largest] if opts.heatmap else []
-        multi_keys = [(q, c) for q in scales for c in crops] if opts.mode != "dense" else []
+        multi_keys = (
+            sorted({(q, self.models[n].min_size) for n in names for q in opts.model_scales[n]})
+            if opts.mode != "dense"
+            else []
+        )
 
         def prepare():
             return [dense_batch(image, q, opts.flip, multiple) for q in dense_scales] + [
@@ -196,7 +211,7 @@ class Classifier:
         calls = []
         for name in names:
             crop = self.models[name].min_size
-            for q in scales:
+            for q in opts.model_scales[name]:
                 wants_map = opts.heatmap and q == largest
                 if opts.mode in ("dense", "both") or wants_map:
                     outputs = ("probs", "scores") if wants_map else ("probs",)

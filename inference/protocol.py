@@ -14,7 +14,25 @@ import numpy as np
 from PIL import Image
 
 DEFAULT_SCALES: tuple[int, ...] = (256, 384, 512)
+# The paper's training crop; DEFAULT_SCALES are the paper's test scales for it.
+PAPER_CROP = 224
 MULTICROP_GRID = 5
+
+
+def serving_scales(crop: int) -> tuple[int, ...]:
+    """The scales Q a model trained on ``crop``-sized crops is served at by default.
+
+    The paper's Q = 256,384,512 for 224 crops; otherwise the crop x1, x1.5, x2 (Smin, the
+    middle and Smax of scale jittering in [crop, 2 crop]: the demo models' 64,96,128).
+    """
+    if crop == PAPER_CROP:
+        return DEFAULT_SCALES
+    return (crop, crop * 3 // 2, crop * 2)
+
+
+def format_scales(scales: Sequence[int]) -> str:
+    """(256, 384, 512) -> ``"256,384,512"``, the form flags and config parameters use."""
+    return ",".join(str(q) for q in scales)
 
 
 def parse_scales(text: str) -> tuple[int, ...]:

@@ -14,6 +14,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from inference.protocol import parse_scales, serving_scales
+
 
 class RepositoryError(ValueError):
     """A model repository or model that cannot be served, with what to do about it."""
@@ -32,6 +34,8 @@ class ModelEntry:
     std: tuple[float, ...]
     min_size: int
     precision: str
+    scales: tuple[int, ...]  # served at these Q when a request names none
+
 
     @property
     def num_classes(self) -> int:
@@ -66,6 +70,8 @@ def read_model(model_dir: Path) -> ModelEntry:
         mean = tuple(json.loads(params["mean"]))
         std = tuple(json.loads(params["std"]))
         min_size = int(params["min_size"])
+        # Exports older than the "scales" parameter: the default for their training crop.
+        scales = parse_scales(params["scales"]) if "scales" in params else serving_scales(min_size)
     except (OSError, KeyError, ValueError) as exc:
         raise RepositoryError(
             f"model {model_dir.name} lacks its labels or pre-processing parameters ({exc}); "
@@ -82,6 +88,7 @@ def read_model(model_dir: Path) -> ModelEntry:
         std=std,
         min_size=min_size,
         precision=params.get("precision", "fp32"),
+        scales=scales,
     )
 
 

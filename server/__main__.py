@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from inference import DEFAULT_SCALES, OptionError, RepositoryError
+from inference import OptionError, RepositoryError
 from server.engine import StartupError
 from server.heap import fix_mmap_threshold
 from server.settings import (
@@ -98,9 +98,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str, float]:
         "--port", type=int, default=defaults.port, help="TCP port (default: %(default)s)"
     )
     parser.add_argument("--scales", type=_list_of(parse_int_list, "scale list"),
-                        default=",".join(map(str, DEFAULT_SCALES)),
+                        default=None,
                         help="scales Q (shorter side) of a request that gives none, "
-                        "comma-separated (default: %(default)s)")  # fmt: skip
+                        "comma-separated, for every model (default: each model's serving "
+                        "scales, written into its config.pbtxt by the exporter)")  # fmt: skip
     parser.add_argument("--max-upload-mb", type=_positive(float), default=defaults.max_upload_mb,
                         help="largest request body in MB, refused with 413 while it streams in "
                         "(default: %(default)s)")  # fmt: skip
@@ -150,7 +151,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str, float]:
         triton_url=args.triton_url,
         host=args.host,
         port=args.port,
-        scales=tuple(args.scales),
+        scales=tuple(args.scales) if args.scales else None,
         max_upload_mb=args.max_upload_mb,
         max_pixels=args.max_pixels,
         max_concurrency=args.max_concurrency,

@@ -125,7 +125,7 @@ def warmup_shapes(
     min_size = max(entry.min_size for entry in models.values())
     shapes = set()
     for width, height in settings.torch_warmup:
-        for q in settings.scales:
+        for q in settings.scales or {q for entry in models.values() for q in entry.scales}:
             if q < min_size:
                 continue  # such requests are refused before they reach the backend
             size = rescaled_size(width, height, q, multiple)

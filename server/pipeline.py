@@ -47,7 +47,7 @@ async def classify_bytes(
     decode_started = time.perf_counter()
     settings = state.settings
     # --jpeg-draft: large JPEGs decode at reduced size, never below twice the largest Q.
-    draft = 2 * max(options.scales or settings.scales) if settings.jpeg_draft else None
+    draft = 2 * max(state.classifier.resolve(options).scales) if settings.jpeg_draft else None
     image = await loop.run_in_executor(state.decode_pool, decode, data, settings.max_pixels, draft)
     decoded = time.perf_counter()
     result = await state.classifier.classify(image, options)

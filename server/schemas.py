@@ -83,6 +83,7 @@ class ServedModel(BaseModel):
     arch: str
     classes: int
     min_size: int = Field(description="smallest accepted Q (the training crop)")
+    scales: list[int] = Field(description="the Q this model runs at when a request names none")
     preprocessing: Preprocessing
     backend: str
     version: int
@@ -91,7 +92,10 @@ class ServedModel(BaseModel):
 
 class ModelsResponse(BaseModel):
     models: list[ServedModel]
-    default_scales: list[int]
+    default_scales: list[int] = Field(
+        description="Q of a request that names none: the models' serving scales (their union "
+        "when they differ), or the server's --scales"
+    )
     shape_multiple: int | None = Field(
         None, description="longer rescaled side rounded to this multiple; null: exact rescaling"
     )
@@ -145,13 +149,14 @@ def classify_response(result: Classification, timing_ms: dict[str, float]) -> Cl
     )
 
 
-def served_model(entry: ModelEntry, backend: str) -> ServedModel:
+def served_model(entry: ModelEntry, backend: str, scales: tuple[int, ...]) -> ServedModel:
     """What a client needs to know about one served model."""
     return ServedModel(
         name=entry.name,
         arch=entry.arch,
         classes=entry.num_classes,
         min_size=entry.min_size,
+        scales=list(scales),
         preprocessing=Preprocessing(
             mean=list(entry.mean), std=list(entry.std), input="uint8 RGB NCHW"
         ),

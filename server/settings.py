@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from inference import DEFAULT_SCALES
-
 BACKENDS = ("onnxruntime", "triton", "torch")
 # --backend torch (inference/backends/torch.py checks the same names; torch is not imported here).
 TORCH_DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -25,7 +23,7 @@ class Settings:
     triton_url: str = "127.0.0.1:8001"
     host: str = "127.0.0.1"
     port: int = 8080
-    scales: tuple[int, ...] = DEFAULT_SCALES
+    scales: tuple[int, ...] | None = None  # None: each model's serving scales (config.pbtxt)
     max_upload_mb: float = 20.0
     max_pixels: int = 50_000_000
     max_concurrency: int = 4
@@ -58,7 +56,7 @@ class Settings:
             raise ValueError("max_queue must be 0 or more")
         if self.max_batch_files < 1:
             raise ValueError("max_batch_files must be at least 1")
-        if not self.scales:
+        if self.scales is not None and not self.scales:
             raise ValueError("scales must not be empty")
         if self.torch_dtype not in TORCH_DTYPES:
             raise ValueError(f"torch_dtype must be one of {', '.join(TORCH_DTYPES)}")

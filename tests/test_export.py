@@ -247,3 +247,19 @@ def test_help_documents_every_flag():
     for flag in ["--arch", "--weights", "--name", "--repository", "--version", "--precision",
                  "--labels", "--opset"]:  # fmt: skip
         assert flag in result.stdout
+
+
+def test_serving_scales_are_written_into_the_config(small_state_dict_path, tmp_path):
+    from inference import read_repository
+
+    repository = tmp_path / "repo"
+    common = ["--arch", "vgg16", "--weights", str(small_state_dict_path), "--crop", "64",
+              "--width", "0.125", "--fc-width", "128", "--repository", str(repository)]  # fmt: skip
+    assert to_onnx.main([*common, "--name", "default"]) == 0
+    assert to_onnx.main([*common, "--name", "given", "--scales", "96,128"]) == 0
+    models = read_repository(repository)
+    assert models["default"].scales == (64, 96, 128)  # the crop x1, x1.5, x2
+    assert models["given"].scales == (96, 128)
+    assert 'string_value: "96,128"' in (repository / "given" / "config.pbtxt").read_text()
+    assert to_onnx.main([*common, "--name", "small", "--scales", "32,64"]) == 1
+    assert not (repository / "small").exists()

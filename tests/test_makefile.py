@@ -25,18 +25,10 @@ def served_command(repository) -> str:
     return " ".join(command.split())
 
 
-def test_demo_models_alone_are_served_at_their_scales(tmp_path):
+def test_serve_leaves_the_scales_to_each_models_config(tmp_path):
     repository = tmp_path / "repo"
-    for name in ("demo-vgg16", "demo-vgg19"):
-        (repository / name).mkdir(parents=True)
-    (repository / "README.md").write_text("not a model\n")  # as in a fresh clone
+    (repository / "demo-vgg16").mkdir(parents=True)
     command = served_command(repository)
-    assert command.endswith("--scales 64,96,128"), command
+    # Each model's config.pbtxt names its serving scales (demo models 64,96,128): no flag here.
+    assert "--scales" not in command, command
     assert f"--repository {repository}" in command and "--host 127.0.0.1" in command
-
-
-def test_imagenet_models_are_served_at_the_papers_scales(tmp_path):
-    repository = tmp_path / "repo"
-    for name in ("demo-vgg16", "vgg16"):
-        (repository / name).mkdir(parents=True)
-    assert "--scales" not in served_command(repository)  # the server's default, 256,384,512

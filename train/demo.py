@@ -150,6 +150,8 @@ def export(name: str, weights: Path, repository: Path) -> bool:
         name,
         "--repository",
         str(repository),
+        "--scales",
+        ",".join(map(str, SCALES)),
     ]
     result = subprocess.run(command, cwd=ROOT)
     if result.returncode != 0:

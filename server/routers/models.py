@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from inference import ClassifyOptions
 from server.dependencies import State
 from server.schemas import ModelsResponse, served_model
 
@@ -14,8 +15,12 @@ router = APIRouter(prefix="/v1", tags=["models"])
 async def list_models(state: State) -> ModelsResponse:
     """Each model's architecture, class count, minimum Q, pre-processing and version."""
     backend = state.settings.backend
+    defaults = state.classifier.resolve(ClassifyOptions())
     return ModelsResponse(
-        models=[served_model(entry, backend) for entry in state.models.values()],
-        default_scales=list(state.settings.scales),
+        models=[
+            served_model(entry, backend, defaults.model_scales[name])
+            for name, entry in state.models.items()
+        ],
+        default_scales=list(defaults.scales),
         shape_multiple=state.settings.shape_multiple,
     )

@@ -51,11 +51,21 @@ def prepare(workdir: Path, arch: str, calibration: list[Path], scales: tuple[int
     fp32_bytes = fp32_entry.onnx_path.read_bytes()
     exported = time.perf_counter()
     int8_bytes = quantize.quantize_int8(fp32_bytes, calibration, scales)
-    info = ModelInfo(f"{arch}-int8", fp32_entry.num_classes, fp32_entry.mean, fp32_entry.std,
-                     fp32_entry.min_size, fp32_entry.arch, precision="int8")  # fmt: skip
+    info = ModelInfo(
+        f"{arch}-int8",
+        fp32_entry.num_classes,
+        fp32_entry.mean,
+        fp32_entry.std,
+        fp32_entry.min_size,
+        fp32_entry.arch,
+        precision="int8",
+    )
     write_model(repo, info, 1, int8_bytes, fp32_entry.labels)
-    print(f"{arch}: fp32 export {exported - started:.0f} s, int8 quantisation "
-          f"{time.perf_counter() - exported:.0f} s ({len(calibration)} images)", flush=True)  # fmt: skip
+    print(
+        f"{arch}: fp32 export {exported - started:.0f} s, int8 quantisation "
+        f"{time.perf_counter() - exported:.0f} s ({len(calibration)} images)",
+        flush=True,
+    )
     del fp32_bytes, int8_bytes
     entries = read_repository(repo, [arch, f"{arch}-int8"])
     options = session_options()  # the server's: every core, no arena
@@ -106,8 +116,12 @@ def main() -> None:
     parser.add_argument("--models", default="vgg16,vgg19", help="vgg16, vgg19 or both")
     parser.add_argument("--scales", default="256,384,512", help="Q set, each with its flip")
     parser.add_argument("--images", type=int, default=3, help="measured images per model")
-    parser.add_argument("--calibration-images", type=int, default=4,
-                        help="int8 calibration images (random weights: speed does not depend on it)")  # fmt: skip
+    parser.add_argument(
+        "--calibration-images",
+        type=int,
+        default=4,
+        help="int8 calibration images (random weights: speed does not depend on it)",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="keep exports here (reused)")
     args = parser.parse_args()
     scales = parse_scales(args.scales)
@@ -140,23 +154,31 @@ def main() -> None:
                     for batch in batches:
                         runners[engine](batch)
                     seconds[engine].append(time.perf_counter() - started)
-                print(f"{arch}: " + ", ".join(f"{e} {seconds[e][-1]:.2f} s" for e in ENGINES),
-                      flush=True)  # fmt: skip
+                print(
+                    f"{arch}: " + ", ".join(f"{e} {seconds[e][-1]:.2f} s" for e in ENGINES),
+                    flush=True,
+                )
             rows.append((arch, gflop, {e: float(np.median(s)) for e, s in seconds.items()}))
             del runners
     print()
-    print(f"{machine()}; load average {load_average()} at the end; Q = "
-          f"{','.join(map(str, scales))} with flips, 640x480 images, {args.images} per model")  # fmt: skip
+    print(
+        f"{machine()}; load average {load_average()} at the end; Q = "
+        f"{','.join(map(str, scales))} with flips, 640x480 images, {args.images} per model"
+    )
     print()
     print("| model | engine | median s/image | images/s | GFLOP/s | x PyTorch eager | x ORT fp32 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for arch, gflop, median in rows:
         for engine in ENGINES:
             s = median[engine]
-            print(f"| {arch} | {engine} | {s:.2f} | {1 / s:.3f} | {gflop / s:.0f} | "
-                  f"{median[ENGINES[0]] / s:.2f} | {median[ENGINES[1]] / s:.2f} |")  # fmt: skip
-    print(f"\n(GFLOP per image: {', '.join(f'{a} {g:.0f}' for a, g, _ in rows)}; int8 counted "
-          "as the same operations)")  # fmt: skip
+            print(
+                f"| {arch} | {engine} | {s:.2f} | {1 / s:.3f} | {gflop / s:.0f} | "
+                f"{median[ENGINES[0]] / s:.2f} | {median[ENGINES[1]] / s:.2f} |"
+            )
+    print(
+        f"\n(GFLOP per image: {', '.join(f'{a} {g:.0f}' for a, g, _ in rows)}; int8 counted "
+        "as the same operations)"
+    )
 
 
 if __name__ == "__main__":

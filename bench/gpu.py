@@ -47,13 +47,34 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # What the run imports beyond PyTorch, ONNX and ONNX Runtime (bench/gpu.sh brings wheels).
-REQUIRED_MODULES = ("torch", "onnx", "onnxruntime", "numpy", "PIL", "fastapi", "uvicorn",
-                    "multipart", "prometheus_client", "tritonclient.grpc", "google.protobuf")  # fmt: skip
+REQUIRED_MODULES = (
+    "torch",
+    "onnx",
+    "onnxruntime",
+    "numpy",
+    "PIL",
+    "fastapi",
+    "uvicorn",
+    "multipart",
+    "prometheus_client",
+    "tritonclient.grpc",
+    "google.protobuf",
+)
 BASE_MODULES = ("torch", "onnx", "onnxruntime", "numpy")  # expected on the machine
 # Sources of the mixed-aspect-ratio stream (width, height): landscape, portrait, square, wide.
 # 4:3 landscape is left out: the server's warm-up (--torch-warmup) runs that shape already.
-STREAM_SIZES = ((600, 600), (750, 500), (500, 750), (800, 450), (450, 800), (840, 360),
-                (700, 560), (560, 700), (740, 400), (480, 640))  # fmt: skip
+STREAM_SIZES = (
+    (600, 600),
+    (750, 500),
+    (500, 750),
+    (800, 450),
+    (450, 800),
+    (840, 360),
+    (700, 560),
+    (560, 700),
+    (740, 400),
+    (480, 640),
+)
 
 
 @dataclass(frozen=True)
@@ -79,17 +100,34 @@ class Profile:
 
 
 GPU = Profile(
-    name="gpu", device="cuda", dtype="bf16", scales=(256, 384, 512), source=(512, 384),
-    batches=(1, 32), iterations={1: 30, 32: 6},
-    compile_modes=("reduce-overhead", "default", "off"), peak_size=8192,
-)  # fmt: skip
+    name="gpu",
+    device="cuda",
+    dtype="bf16",
+    scales=(256, 384, 512),
+    source=(512, 384),
+    batches=(1, 32),
+    iterations={1: 30, 32: 6},
+    compile_modes=("reduce-overhead", "default", "off"),
+    peak_size=8192,
+)
 DRY_RUN = Profile(
-    name="dry-run", device="cpu", dtype="fp32", scales=(64, 96, 128), source=(128, 96),
-    batches=(1, 4), iterations={1: 2, 4: 1}, compile_modes=("off",), peak_size=1024,
+    name="dry-run",
+    device="cpu",
+    dtype="fp32",
+    scales=(64, 96, 128),
+    source=(128, 96),
+    batches=(1, 4),
+    iterations={1: 2, 4: 1},
+    compile_modes=("off",),
+    peak_size=1024,
     export_flags=("--width", "0.125", "--fc-width", "64", "--crop", "64"),
     arch_overrides={"width": 0.125, "fc_width": 64, "crop": 64},
-    http_clients=4, http_requests=8, stream_scale=0.2, stream_repeats=3, server_start_s=120.0,
-)  # fmt: skip
+    http_clients=4,
+    http_requests=8,
+    stream_scale=0.2,
+    stream_repeats=3,
+    server_start_s=120.0,
+)
 
 
 class Budget:
@@ -110,8 +148,15 @@ class Results:
 
     def __init__(self, out: Path, header: dict) -> None:
         self.out = out
-        self.data = {**header, "peak": None, "pipeline": [], "http": [], "stream": [],
-                     "skipped": [], "notes": []}  # fmt: skip
+        self.data = {
+            **header,
+            "peak": None,
+            "pipeline": [],
+            "http": [],
+            "stream": [],
+            "skipped": [],
+            "notes": [],
+        }
 
     def skip(self, what: str, why: str) -> None:
         print(f"skipped: {what} ({why})", flush=True)
@@ -196,11 +241,27 @@ def export_models(profile: Profile, workdir: Path, archs: list[str]) -> Path:
         torch.manual_seed(index)
         weights = workdir / f"{arch}.pth"
         torch.save(build(arch, **profile.arch_overrides).state_dict(), weights)
-        command = [sys.executable, "export/to_onnx.py", "--arch", arch, "--weights", str(weights),
-                   "--name", arch, "--repository", str(repo), *profile.export_flags]  # fmt: skip
+        command = [
+            sys.executable,
+            "export/to_onnx.py",
+            "--arch",
+            arch,
+            "--weights",
+            str(weights),
+            "--name",
+            arch,
+            "--repository",
+            str(repo),
+            *profile.export_flags,
+        ]
         log_file = open(workdir / f"export-{arch}.log", "w")  # noqa: SIM115 (closed below)
-        processes.append((arch, subprocess.Popen(command, cwd=ROOT, stdout=log_file,
-                                                 stderr=subprocess.STDOUT), log_file))  # fmt: skip
+        processes.append(
+            (
+                arch,
+                subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT),
+                log_file,
+            )
+        )
     for arch, process, log_file in processes:
         code = process.wait()
         log_file.close()
@@ -292,12 +353,17 @@ def pipeline_row(profile, model, method, batch, timing, flops_per_image, peak) -
     seconds = float(np.median(timing["times"]))
     tflops = flops_per_image * batch / seconds / 1e12
     return {
-        "model": model, "method": method, "batch": batch,
-        "images_per_s": batch / seconds, "tflops": tflops,
+        "model": model,
+        "method": method,
+        "batch": batch,
+        "images_per_s": batch / seconds,
+        "tflops": tflops,
         "fraction_of_peak": tflops / peak["tflops"] if peak else None,
-        "pass_ms_p50": seconds * 1e3, "pass_ms_min": min(timing["times"]) * 1e3,
-        "first_pass_s": timing["first_s"], "iterations": len(timing["times"]),
-    }  # fmt: skip
+        "pass_ms_p50": seconds * 1e3,
+        "pass_ms_min": min(timing["times"]) * 1e3,
+        "first_pass_s": timing["first_s"],
+        "iterations": len(timing["times"]),
+    }
 
 
 def bench_model(profile, arch, repo, workdir, device, peak, results, modes, eager=True) -> None:
@@ -320,8 +386,9 @@ def bench_model(profile, arch, repo, workdir, device, peak, results, modes, eage
         timing = time_pipeline(baseline.run, batches[batch], profile.iterations[batch], 3, device)
         reference[batch] = timing["posterior"]
         if eager:
-            row = pipeline_row(profile, arch, f"eager {profile.dtype} (baseline)", batch, timing,
-                               flops, peak)  # fmt: skip
+            row = pipeline_row(
+                profile, arch, f"eager {profile.dtype} (baseline)", batch, timing, flops, peak
+            )
             results.data["pipeline"].append(row)
             log(f"{arch} eager batch {batch}: {row['images_per_s']:.1f} images/s")
             results.save()
@@ -334,18 +401,30 @@ def bench_model(profile, arch, repo, workdir, device, peak, results, modes, eage
             run = probs_runner(backend, arch)
             warmup = 3  # the 2nd pass records CUDA graphs, the 3rd replays them
             timing = time_pipeline(run, batches[batch], profile.iterations[batch], warmup, device)
-            row = pipeline_row(profile, arch, f"torch backend {profile.dtype}, compile {mode}",
-                               batch, timing, flops, peak)  # fmt: skip
+            row = pipeline_row(
+                profile,
+                arch,
+                f"torch backend {profile.dtype}, compile {mode}",
+                batch,
+                timing,
+                flops,
+                peak,
+            )
             # Same weights, same input: how far our posterior is from the eager baseline's.
             row["max_abs_diff_vs_eager"] = float(
                 np.max(np.abs(timing["posterior"] - reference[batch]))
             )
-            eager_row = next(r for r in results.data["pipeline"]
-                             if r["model"] == arch and r["batch"] == batch and "eager" in r["method"])  # fmt: skip
+            eager_row = next(
+                r
+                for r in results.data["pipeline"]
+                if r["model"] == arch and r["batch"] == batch and "eager" in r["method"]
+            )
             row["speedup_vs_eager"] = row["images_per_s"] / eager_row["images_per_s"]
             results.data["pipeline"].append(row)
-            log(f"{arch} {row['method']} batch {batch}: {row['images_per_s']:.1f} images/s "
-                f"({row['speedup_vs_eager']:.2f}x eager; first pass {row['first_pass_s']:.1f} s)")  # fmt: skip
+            log(
+                f"{arch} {row['method']} batch {batch}: {row['images_per_s']:.1f} images/s "
+                f"({row['speedup_vs_eager']:.2f}x eager; first pass {row['first_pass_s']:.1f} s)"
+            )
             results.save()
         asyncio.run(backend.close())
         del backend
@@ -382,8 +461,10 @@ def jpeg_of_size(width: int, height: int, seed: int) -> bytes:
 
 def multipart(data: bytes) -> tuple[bytes, str]:
     boundary = f"vggservebench{os.getpid()}"
-    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="i.jpg"\r\n'
-            "Content-Type: image/jpeg\r\n\r\n").encode()  # fmt: skip
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="i.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    ).encode()
     return (
         head + data + f"\r\n--{boundary}--\r\n".encode(),
         f"multipart/form-data; boundary={boundary}",
@@ -403,8 +484,13 @@ class Server:
     def __enter__(self) -> Server:
         self.log_file = open(self.log_path, "w")  # noqa: SIM115 (closed in __exit__)
         started = time.monotonic()
-        self.process = subprocess.Popen(self.args, cwd=ROOT, stdout=self.log_file,
-                                        stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        self.process = subprocess.Popen(
+            self.args,
+            cwd=ROOT,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         while time.monotonic() - started < self.start_s:
             if self.process.poll() is not None:
                 raise RuntimeError(
@@ -455,8 +541,9 @@ class Client:
             )
         body, content_type = multipart(data)
         start = time.perf_counter()
-        connection.request("POST", f"/v1/classify?{self.query}", body=body,
-                           headers={"Content-Type": content_type})  # fmt: skip
+        connection.request(
+            "POST", f"/v1/classify?{self.query}", body=body, headers={"Content-Type": content_type}
+        )
         response = connection.getresponse()
         payload = response.read()
         elapsed = time.perf_counter() - start
@@ -467,11 +554,31 @@ class Client:
 
 def server_args(profile: Profile, repo: Path, arch: str, mode: str, extra=()) -> list[str]:
     warmup = "x".join(map(str, profile.source))
-    return ["--backend", "torch", "--repository", str(repo), "--models", arch,
-            "--scales", ",".join(map(str, profile.scales)), "--torch-device", profile.device,
-            "--torch-dtype", profile.dtype, "--torch-compile", mode, "--torch-warmup", warmup,
-            "--max-concurrency", str(profile.http_clients), "--max-queue", "4096",
-            "--log-level", "warning", *extra]  # fmt: skip
+    return [
+        "--backend",
+        "torch",
+        "--repository",
+        str(repo),
+        "--models",
+        arch,
+        "--scales",
+        ",".join(map(str, profile.scales)),
+        "--torch-device",
+        profile.device,
+        "--torch-dtype",
+        profile.dtype,
+        "--torch-compile",
+        mode,
+        "--torch-warmup",
+        warmup,
+        "--max-concurrency",
+        str(profile.http_clients),
+        "--max-queue",
+        "4096",
+        "--log-level",
+        "warning",
+        *extra,
+    ]
 
 
 def bench_http(profile, repo, arch, out, results, budget) -> None:
@@ -483,8 +590,11 @@ def bench_http(profile, repo, arch, out, results, budget) -> None:
     scales = ",".join(map(str, profile.scales))
     # Micro-batches as large as the backend's batch-32 runs (64 views), where the server has them.
     extra = ["--max-batch", str(2 * max(profile.batches))] if server_has_flag("--max-batch") else []
-    with Server(server_args(profile, repo, arch, mode, extra), out / f"server-http-{arch}.log",
-                min(profile.server_start_s, budget.left())) as server:  # fmt: skip
+    with Server(
+        server_args(profile, repo, arch, mode, extra),
+        out / f"server-http-{arch}.log",
+        min(profile.server_start_s, budget.left()),
+    ) as server:
         client = Client(server.port, f"scales={scales}&flip=true")
         for data in images[:3]:  # the warm-up covered the shapes; this warms the connections
             client.classify(data)
@@ -497,29 +607,39 @@ def bench_http(profile, repo, arch, out, results, budget) -> None:
             start = time.perf_counter()
             list(pool.map(client.classify, load))
             seconds = time.perf_counter() - start
-    backend_rows = [r for r in results.data["pipeline"]
-                    if r["model"] == arch and r["method"].endswith(f"compile {mode}")]  # fmt: skip
+    backend_rows = [
+        r
+        for r in results.data["pipeline"]
+        if r["model"] == arch and r["method"].endswith(f"compile {mode}")
+    ]
     best_backend = max((r["images_per_s"] for r in backend_rows), default=None)
     flops = results.data["flops_per_image"][arch]
     row = {
-        "model": arch, "method": f"HTTP front end, torch backend compile {mode}",
+        "model": arch,
+        "method": f"HTTP front end, torch backend compile {mode}",
         "server_flags": " ".join(extra),
-        "clients": profile.http_clients, "requests": profile.http_requests,
+        "clients": profile.http_clients,
+        "requests": profile.http_requests,
         "images_per_s": profile.http_requests / seconds,
         "tflops": flops * profile.http_requests / seconds / 1e12,
         "latency_ms_p50_one_client": float(np.median(latencies)) * 1e3,
         "server_start_s": server.start_seconds,
-        "vs_backend_best": (profile.http_requests / seconds / best_backend) if best_backend else None,
-    }  # fmt: skip
+        "vs_backend_best": (profile.http_requests / seconds / best_backend)
+        if best_backend
+        else None,
+    }
     results.data["http"].append(row)
-    log(f"{arch} HTTP: {row['images_per_s']:.1f} images/s, one client p50 "
-        f"{row['latency_ms_p50_one_client']:.1f} ms")  # fmt: skip
+    log(
+        f"{arch} HTTP: {row['images_per_s']:.1f} images/s, one client p50 "
+        f"{row['latency_ms_p50_one_client']:.1f} ms"
+    )
     results.save()
 
 
 def server_has_flag(flag: str) -> bool:
-    result = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=ROOT,
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
     return flag in result.stdout
 
 
@@ -541,14 +661,16 @@ def bench_stream(profile, repo, arch, out, results, budget, multiple: int | None
     scales = ",".join(map(str, profile.scales))
 
     def shapes_of(size):
-        return tuple(rescaled_size(*size, q, multiple)
-                     for q in profile.scales)  # fmt: skip
+        return tuple(rescaled_size(*size, q, multiple) for q in profile.scales)
 
     seen: dict[tuple, int] = {}
     by_occurrence: dict[int, list[float]] = {}
     posteriors = []
-    with Server(server_args(profile, repo, arch, mode, extra), out / f"server-stream-{arch}-{multiple or 'exact'}.log",
-                min(profile.server_start_s, budget.left())) as server:  # fmt: skip
+    with Server(
+        server_args(profile, repo, arch, mode, extra),
+        out / f"server-stream-{arch}-{multiple or 'exact'}.log",
+        min(profile.server_start_s, budget.left()),
+    ) as server:
         classes = int(json.loads(server.get("/v1/models")[1])["models"][0]["classes"])
         client = Client(server.port, f"scales={scales}&flip=true&top_k={classes}")
         for index in order:
@@ -562,16 +684,22 @@ def bench_stream(profile, repo, arch, out, results, budget, multiple: int | None
             posteriors.append(probs)
     steady = [ms for k, values in by_occurrence.items() if k >= 3 for ms in values]
     row = {
-        "model": arch, "rescaling": label, "compile": mode, "requests": len(order),
+        "model": arch,
+        "rescaling": label,
+        "compile": mode,
+        "requests": len(order),
         "distinct_shapes": len({s for key in seen for s in key}),
-        "first_ms_mean": float(np.mean(by_occurrence[1])), "first_ms_max": float(np.max(by_occurrence[1])),
+        "first_ms_mean": float(np.mean(by_occurrence[1])),
+        "first_ms_max": float(np.max(by_occurrence[1])),
         "second_ms_mean": float(np.mean(by_occurrence[2])) if 2 in by_occurrence else None,
         "steady_ms_p50": float(np.median(steady)) if steady else None,
         "server_start_s": server.start_seconds,
-    }  # fmt: skip
+    }
     results.data["stream"].append(row)
-    log(f"{arch} stream ({label}): first {row['first_ms_mean']:.1f} ms mean, steady "
-        f"{row['steady_ms_p50'] or float('nan'):.1f} ms p50, {row['distinct_shapes']} shapes")  # fmt: skip
+    log(
+        f"{arch} stream ({label}): first {row['first_ms_mean']:.1f} ms mean, steady "
+        f"{row['steady_ms_p50'] or float('nan'):.1f} ms p50, {row['distinct_shapes']} shapes"
+    )
     results.save()
     return {"row": row, "posteriors": np.array(posteriors)}
 
@@ -584,38 +712,62 @@ def fmt(value, spec: str = ".1f") -> str:
 
 
 def markdown(data: dict) -> str:
-    lines = [f"# bench/gpu.sh ({data['profile']})", "",
-             f"{data['device_name']}; torch {data['torch']}, CUDA {data['cuda']}, cuDNN "
-             f"{data['cudnn']}; {data['started']}", ""]  # fmt: skip
+    lines = [
+        f"# bench/gpu.sh ({data['profile']})",
+        "",
+        f"{data['device_name']}; torch {data['torch']}, CUDA {data['cuda']}, cuDNN "
+        f"{data['cudnn']}; {data['started']}",
+        "",
+    ]
     peak = data.get("peak")
     if peak:
-        lines += [f"Matrix-product peak ({peak['dtype']} {peak['n']}^3, best of 6): "
-                  f"**{peak['tflops']:.1f} TFLOP/s**", ""]  # fmt: skip
+        lines += [
+            f"Matrix-product peak ({peak['dtype']} {peak['n']}^3, best of 6): "
+            f"**{peak['tflops']:.1f} TFLOP/s**",
+            "",
+        ]
     for arch, flops in data.get("flops_per_image", {}).items():
-        lines.append(f"{arch}: {flops / 1e12:.3f} TFLOP per image (Q = {data['scales']}, flips, "
-                     f"{data['source']} source)")  # fmt: skip
+        lines.append(
+            f"{arch}: {flops / 1e12:.3f} TFLOP per image (Q = {data['scales']}, flips, "
+            f"{data['source']} source)"
+        )
     if data["pipeline"]:
-        lines += ["", "| model | method | batch | images/s | TFLOP/s | % of peak | vs eager | pass ms p50 | first pass s |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        lines += [
+            "",
+            "| model | method | batch | images/s | TFLOP/s | % of peak | vs eager | pass ms p50 | first pass s |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for r in data["pipeline"]:
             share = None if r["fraction_of_peak"] is None else 100 * r["fraction_of_peak"]
-            lines.append(f"| {r['model']} | {r['method']} | {r['batch']} | {r['images_per_s']:.1f} | "
-                         f"{r['tflops']:.2f} | {fmt(share)} | {fmt(r.get('speedup_vs_eager'), '.2f')} | "
-                         f"{r['pass_ms_p50']:.1f} | {r['first_pass_s']:.1f} |")  # fmt: skip
+            lines.append(
+                f"| {r['model']} | {r['method']} | {r['batch']} | {r['images_per_s']:.1f} | "
+                f"{r['tflops']:.2f} | {fmt(share)} | {fmt(r.get('speedup_vs_eager'), '.2f')} | "
+                f"{r['pass_ms_p50']:.1f} | {r['first_pass_s']:.1f} |"
+            )
     if data["http"]:
-        lines += ["", "| model | path | clients | images/s | TFLOP/s | vs backend (best batch) | one-client p50 ms | start s |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        lines += [
+            "",
+            "| model | path | clients | images/s | TFLOP/s | vs backend (best batch) | one-client p50 ms | start s |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for r in data["http"]:
-            lines.append(f"| {r['model']} | {r['method']} | {r['clients']} | {r['images_per_s']:.1f} | "
-                         f"{r['tflops']:.2f} | {fmt(r['vs_backend_best'], '.2f')} | "
-                         f"{r['latency_ms_p50_one_client']:.1f} | {r['server_start_s']:.0f} |")  # fmt: skip
+            lines.append(
+                f"| {r['model']} | {r['method']} | {r['clients']} | {r['images_per_s']:.1f} | "
+                f"{r['tflops']:.2f} | {fmt(r['vs_backend_best'], '.2f')} | "
+                f"{r['latency_ms_p50_one_client']:.1f} | {r['server_start_s']:.0f} |"
+            )
     if data["stream"]:
-        lines += ["", "| model | rescaling | requests | input shapes | first-request ms (mean / max) | 2nd ms | steady p50 ms | max |Δp| vs exact |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        lines += [
+            "",
+            "| model | rescaling | requests | input shapes | first-request ms (mean / max) | 2nd ms | steady p50 ms | max |Δp| vs exact |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for r in data["stream"]:
-            lines.append(f"| {r['model']} | {r['rescaling']} | {r['requests']} | {r['distinct_shapes']} | "
-                         f"{r['first_ms_mean']:.1f} / {r['first_ms_max']:.1f} | {fmt(r['second_ms_mean'])} | "
-                         f"{fmt(r['steady_ms_p50'])} | {fmt(r.get('max_abs_diff_vs_exact'), '.2e')} |")  # fmt: skip
+            lines.append(
+                f"| {r['model']} | {r['rescaling']} | {r['requests']} | {r['distinct_shapes']} | "
+                f"{r['first_ms_mean']:.1f} / {r['first_ms_max']:.1f} | {fmt(r['second_ms_mean'])} | "
+                f"{fmt(r['steady_ms_p50'])} | {fmt(r.get('max_abs_diff_vs_exact'), '.2e')} |"
+            )
     for title, items in (("Skipped", data["skipped"]), ("Notes", data["notes"])):
         if items:
             lines += ["", f"{title}:", *[f"- {item}" for item in items]]
@@ -630,15 +782,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "out", type=Path, nargs="?", help="folder for results.json, results.md, logs"
     )
-    parser.add_argument("--dry-run", action="store_true",
-                        help="tiny models on the CPU, same code path (to check the script)")  # fmt: skip
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="tiny models on the CPU, same code path (to check the script)",
+    )
     parser.add_argument(
         "--models", default="vgg16,vgg19", help="architectures (default: %(default)s)"
     )
-    parser.add_argument("--budget-s", type=float, default=280.0,
-                        help="optional steps are skipped past this (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--check-deps", action="store_true",
-                        help="only check that every module the run imports is installed")  # fmt: skip
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=280.0,
+        help="optional steps are skipped past this (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--check-deps",
+        action="store_true",
+        help="only check that every module the run imports is installed",
+    )
     args = parser.parse_args(argv)
     if args.out is None and not args.check_deps:
         parser.error("give the output folder (e.g. bench/results/gpu)")
@@ -713,13 +875,19 @@ def main(argv: list[str] | None = None) -> int:
     missing = check_deps()
     base = [name for name in missing if name in BASE_MODULES]
     if base:
-        print(f"error: missing {', '.join(base)}: this run needs PyTorch, ONNX and ONNX Runtime "
-              "installed", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: missing {', '.join(base)}: this run needs PyTorch, ONNX and ONNX Runtime "
+            "installed",
+            file=sys.stderr,
+        )
         return 2
     if missing:
-        print(f"error: missing Python modules: {', '.join(missing)}; bench/gpu.sh installs them "
-              "from bench/results/wheels (fill it with bench/gpu.sh --fetch-wheels where there is "
-              "internet)", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: missing Python modules: {', '.join(missing)}; bench/gpu.sh installs them "
+            "from bench/results/wheels (fill it with bench/gpu.sh --fetch-wheels where there is "
+            "internet)",
+            file=sys.stderr,
+        )
         return 2
     if args.check_deps:
         return 0
@@ -727,9 +895,12 @@ def main(argv: list[str] | None = None) -> int:
 
     profile = DRY_RUN if args.dry_run else GPU
     if profile.device == "cuda" and not torch.cuda.is_available():
-        print(f"error: no CUDA device is visible to PyTorch {torch.__version__} (built for CUDA "
-              f"{torch.version.cuda}); this benchmark needs a GPU. Check the script on the CPU "
-              "with: bench/gpu.sh OUT_DIR --dry-run", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: no CUDA device is visible to PyTorch {torch.__version__} (built for CUDA "
+            f"{torch.version.cuda}); this benchmark needs a GPU. Check the script on the CPU "
+            "with: bench/gpu.sh OUT_DIR --dry-run",
+            file=sys.stderr,
+        )
         return 2
     budget = Budget(args.budget_s)
     started = time.monotonic()
@@ -737,14 +908,22 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     archs = [a.strip() for a in args.models.split(",") if a.strip()]
     header = {
-        "profile": profile.name, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-        "python": platform.python_version(), "scales": list(profile.scales),
-        "source": "x".join(map(str, profile.source)), "batches": list(profile.batches),
-        "dtype": profile.dtype, "settings": {k: v for k, v in asdict(profile).items() if k != "name"},
+        "profile": profile.name,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "python": platform.python_version(),
+        "scales": list(profile.scales),
+        "source": "x".join(map(str, profile.source)),
+        "batches": list(profile.batches),
+        "dtype": profile.dtype,
+        "settings": {k: v for k, v in asdict(profile).items() if k != "name"},
         "load_average": os.getloadavg(),
-    }  # fmt: skip
+    }
     results = Results(args.out, header)
     results.save()
     log(f"{profile.name} run on {header['device_name']}, budget {args.budget_s:.0f} s")

@@ -106,12 +106,14 @@ def main() -> None:
         rows.append((key, raw, over_http))
 
     print(f"\nmachine: {machine()}; Q = 256,384,512 with flips; 640x480 JPEGs")
-    header = (f"{'model':8} {'path':6} {'p50 ms':>9} {'p95 ms':>9} {'img/s sat':>10}")  # fmt: skip
+    header = f"{'model':8} {'path':6} {'p50 ms':>9} {'p95 ms':>9} {'img/s sat':>10}"
     print(header)
     for key, raw, over_http in rows:
         for label, r in (("raw", raw), ("http", over_http)):
-            print(f"{key:8} {label:6} {percentile(r['latencies'], 50) * 1e3:9.1f} "
-                  f"{percentile(r['latencies'], 95) * 1e3:9.1f} {r['throughput']:10.2f}")  # fmt: skip
+            print(
+                f"{key:8} {label:6} {percentile(r['latencies'], 50) * 1e3:9.1f} "
+                f"{percentile(r['latencies'], 95) * 1e3:9.1f} {r['throughput']:10.2f}"
+            )
     print("\nratios (http / raw): throughput should be >= 0.9, p50 latency <= 1.1")
     for key, raw, over_http in rows:
         tput = over_http["throughput"] / raw["throughput"]

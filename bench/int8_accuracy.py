@@ -58,9 +58,16 @@ def main() -> None:
             if to_onnx.main([*common, "--name", name]) != 0:
                 raise SystemExit(f"fp32 export of {weights} failed")
             started = time.perf_counter()
-            int8 = ["--precision", "int8", "--calibration", str(args.train),
-                    "--calibration-images", str(args.calibration_images),
-                    "--calibration-scales", args.scales]  # fmt: skip
+            int8 = [
+                "--precision",
+                "int8",
+                "--calibration",
+                str(args.train),
+                "--calibration-images",
+                str(args.calibration_images),
+                "--calibration-scales",
+                args.scales,
+            ]
             if to_onnx.main([*common, "--name", f"{name}-int8", *int8]) != 0:
                 raise SystemExit(f"int8 export of {weights} failed")
             print(f"{name}: int8 export {time.perf_counter() - started:.1f} s")

@@ -58,12 +58,17 @@ def main() -> None:
             failures += response.status_code != 200
             if i + 1 in (50, args.requests) or (i + 1) % 100 == 0:
                 samples[i + 1] = (server.rss_bytes(), server.open_files())
-                print(f"after {i + 1:5d} requests: RSS {samples[i + 1][0] / 2**20:7.1f} MiB, "
-                      f"open files {samples[i + 1][1]}", flush=True)  # fmt: skip
+                print(
+                    f"after {i + 1:5d} requests: RSS {samples[i + 1][0] / 2**20:7.1f} MiB, "
+                    f"open files {samples[i + 1][1]}",
+                    flush=True,
+                )
     first, last = samples[50], samples[args.requests]
     print(f"\nmachine: {machine()}; model {args.model}; scales {args.scales}; failures {failures}")
-    print(f"RSS growth after warm-up (50 -> {args.requests}): {last[0] / first[0] - 1:+.1%} "
-          f"(target < 10%); open files {first[1]} -> {last[1]}")  # fmt: skip
+    print(
+        f"RSS growth after warm-up (50 -> {args.requests}): {last[0] / first[0] - 1:+.1%} "
+        f"(target < 10%); open files {first[1]} -> {last[1]}"
+    )
 
 
 if __name__ == "__main__":

@@ -81,21 +81,26 @@ def main() -> None:
         entries = read_repository(repo, [key])
         images = jpeg_images(args.images or (40 if small else 6))
 
-        in_process = measure(Classifier(OnnxRuntimeBackend(entries), entries), images,
-                             args.concurrency)  # fmt: skip
+        in_process = measure(
+            Classifier(OnnxRuntimeBackend(entries), entries), images, args.concurrency
+        )
         http, grpc, metrics = three_ports()
         with LocalTriton(repo, http, grpc, metrics, models=[key]) as triton:
             backend = TritonBackend(triton.grpc_url, entries)
             via_triton = measure(Classifier(backend, entries), images, args.concurrency)
         rows.append((key, len(images), in_process, via_triton))
 
-    print(f"\nmachine: {machine()}; Q = 256,384,512 with flips; 640x480 JPEGs; "
-          f"throughput with {args.concurrency} images in flight")  # fmt: skip
+    print(
+        f"\nmachine: {machine()}; Q = 256,384,512 with flips; 640x480 JPEGs; "
+        f"throughput with {args.concurrency} images in flight"
+    )
     print(f"{'model':7} {'images':>6} {'path':12} {'p50 ms':>9} {'p95 ms':>9} {'img/s':>8}")
     for key, count, in_process, via_triton in rows:
         for label, r in (("onnxruntime", in_process), ("triton grpc", via_triton)):
-            print(f"{key:7} {count:6d} {label:12} {percentile(r['latencies'], 50) * 1e3:9.1f} "
-                  f"{percentile(r['latencies'], 95) * 1e3:9.1f} {r['throughput']:8.2f}")  # fmt: skip
+            print(
+                f"{key:7} {count:6d} {label:12} {percentile(r['latencies'], 50) * 1e3:9.1f} "
+                f"{percentile(r['latencies'], 95) * 1e3:9.1f} {r['throughput']:8.2f}"
+            )
     print("\nratios (triton / onnxruntime)")
     for key, _count, in_process, via_triton in rows:
         tput = via_triton["throughput"] / in_process["throughput"]

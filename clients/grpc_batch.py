@@ -45,8 +45,19 @@ from inference import (  # noqa: E402
 from inference.backends.base import BackendUnavailable  # noqa: E402
 from inference.backends.triton import LOOPBACK, TritonBackend, TritonError  # noqa: E402
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif",
-                  ".tiff", ".webp"}  # fmt: skip
+IMAGE_SUFFIXES = {
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+}
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 75  # 75: EX_TEMPFAIL, rerun later
 
 
@@ -262,28 +273,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("inputs", nargs="*", help="image files and folders (walked recursively)")
     parser.add_argument("--list", type=Path, dest="list_file", help="file of image paths")
     parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC host:port")
-    parser.add_argument("--repository", type=Path, default=Path("model_repository"),
-                        help="model repository Triton serves (labels and input limits)")  # fmt: skip
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        default=Path("model_repository"),
+        help="model repository Triton serves (labels and input limits)",
+    )
     parser.add_argument("--models", help="comma-separated models to fuse (default: all)")
-    parser.add_argument("--scales", default=",".join(map(str, DEFAULT_SCALES)),
-                        help="comma-separated scales Q (shorter side)")  # fmt: skip
+    parser.add_argument(
+        "--scales",
+        default=",".join(map(str, DEFAULT_SCALES)),
+        help="comma-separated scales Q (shorter side)",
+    )
     parser.add_argument("--no-flip", action="store_true", help="skip the horizontal flips")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--out", type=Path, required=True, help="results, JSON lines")
     parser.add_argument("--errors", type=Path, help="errors file (default: <out>.errors.jsonl)")
-    parser.add_argument("--resume", action="store_true",
-                        help="skip images already in the results or errors file")  # fmt: skip
+    parser.add_argument(
+        "--resume", action="store_true", help="skip images already in the results or errors file"
+    )
     parser.add_argument("--overwrite", action="store_true", help="start both files afresh")
     parser.add_argument("--shard", default="0/1", help="i/n: only this job's part (0 <= i < n)")
     parser.add_argument("--concurrency", type=int, default=8, help="images in flight")
-    parser.add_argument("--retries", type=int, default=6,
-                        help="retries of an image while Triton is unavailable (backoff doubles "
-                        "from 0.5 s)")  # fmt: skip
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=6,
+        help="retries of an image while Triton is unavailable (backoff doubles from 0.5 s)",
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per gRPC call")
-    parser.add_argument("--shm", action="store_true",
-                        help="send images through system shared memory (Triton on this host)")  # fmt: skip
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bar (default: when stderr is a terminal)")  # fmt: skip
+    parser.add_argument(
+        "--shm",
+        action="store_true",
+        help="send images through system shared memory (Triton on this host)",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: when stderr is a terminal)",
+    )
     return parser.parse_args(argv)
 
 
@@ -326,8 +355,9 @@ async def main_async(args: argparse.Namespace) -> int:
         ClassifyOptions(scales=scales, flip=not args.no_flip, top_k=args.top_k)
     )
 
-    paths = [p for p in discover(args.inputs, args.list_file)
-             if in_shard(p, shard_index, shard_count)]  # fmt: skip
+    paths = [
+        p for p in discover(args.inputs, args.list_file) if in_shard(p, shard_index, shard_count)
+    ]
     errors_file = errors_path(args.out, args.errors)
     done = prepare_files(args.out, errors_file, args.resume, args.overwrite)
     todo = [p for p in paths if p not in done]
@@ -339,8 +369,9 @@ async def main_async(args: argparse.Namespace) -> int:
         flush=True,
     )
     results, errors = JsonLines(args.out), JsonLines(errors_file)
-    job = Job(classifier, options, results, errors, args.concurrency, args.retries,
-              progress=args.progress)  # fmt: skip
+    job = Job(
+        classifier, options, results, errors, args.concurrency, args.retries, progress=args.progress
+    )
     try:
         if todo:
             await with_retries(job, backend.check, "waiting for Triton")

@@ -107,11 +107,7 @@ def parse_config(text: str) -> mc.ModelConfig:
 
 
 def write_model(
-    repository: Path,
-    info: ModelInfo,
-    version: int,
-    onnx_bytes: bytes,
-    labels: Sequence[str],
+    repository: Path, info: ModelInfo, version: int, onnx_bytes: bytes, labels: Sequence[str]
 ) -> Path:
     """Write one model version into ``repository`` atomically; returns the model.onnx path.
 

@@ -65,30 +65,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "torchvision-format state dict or a python -m train checkpoint",
     )
     parser.add_argument("--name", default=None, help="model name in the repository (default: arch)")
-    parser.add_argument("--repository", type=Path, default=Path("model_repository"),
-                        help="Triton model repository to write into")  # fmt: skip
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        default=Path("model_repository"),
+        help="Triton model repository to write into",
+    )
     parser.add_argument("--version", type=int, default=1, help="model version folder")
-    parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
-                        help="precision of the convolutions (pre- and post-processing stay fp32); "
-                        "int8: ONNX Runtime static quantisation for CPUs, calibrated on "
-                        "--calibration images, written as <name>-int8 unless --name is given")  # fmt: skip
-    parser.add_argument("--scales", default=None,
-                        help="scales Q the model is served at when a request names none, written "
-                        "into config.pbtxt (default: 256,384,512 for 224 crops, else the crop x1, "
-                        "x1.5, x2)")  # fmt: skip
-    parser.add_argument("--calibration", type=Path, default=None,
-                        help="int8: folder of images like the ones the model will serve (walked "
-                        "recursively; e.g. training images, never the validation set)")  # fmt: skip
-    parser.add_argument("--calibration-images", type=int,
-                        default=quantize.DEFAULT_CALIBRATION_IMAGES,
-                        help="int8: images taken from --calibration, spread evenly over it")  # fmt: skip
-    parser.add_argument("--calibration-scales", default=None,
-                        help="int8: Q values the calibration images are rescaled to, each with its "
-                        "flip (default: the serving scales, 256,384,512 for 224 crops, else the "
-                        "crop x1, x1.5, x2)")  # fmt: skip
-    parser.add_argument("--verify-images", type=int, default=quantize.DEFAULT_VERIFY_IMAGES,
-                        help="int8: images not used for calibration on which int8 is checked "
-                        "against fp32 before anything is written")  # fmt: skip
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "int8"),
+        default="fp32",
+        help="precision of the convolutions (pre- and post-processing stay fp32); "
+        "int8: ONNX Runtime static quantisation for CPUs, calibrated on "
+        "--calibration images, written as <name>-int8 unless --name is given",
+    )
+    parser.add_argument(
+        "--scales",
+        default=None,
+        help="scales Q the model is served at when a request names none, written "
+        "into config.pbtxt (default: 256,384,512 for 224 crops, else the crop x1, "
+        "x1.5, x2)",
+    )
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="int8: folder of images like the ones the model will serve (walked "
+        "recursively; e.g. training images, never the validation set)",
+    )
+    parser.add_argument(
+        "--calibration-images",
+        type=int,
+        default=quantize.DEFAULT_CALIBRATION_IMAGES,
+        help="int8: images taken from --calibration, spread evenly over it",
+    )
+    parser.add_argument(
+        "--calibration-scales",
+        default=None,
+        help="int8: Q values the calibration images are rescaled to, each with its "
+        "flip (default: the serving scales, 256,384,512 for 224 crops, else the "
+        "crop x1, x1.5, x2)",
+    )
+    parser.add_argument(
+        "--verify-images",
+        type=int,
+        default=quantize.DEFAULT_VERIFY_IMAGES,
+        help="int8: images not used for calibration on which int8 is checked "
+        "against fp32 before anything is written",
+    )
     parser.add_argument(
         "--labels",
         type=Path,
@@ -96,12 +121,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="class names, one a line (default: the checkpoint's names, else ImageNet's 1000)",
     )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
-    parser.add_argument("--width", type=float, default=None,
-                        help="width multiplier of a small variant (plain state dicts only)")  # fmt: skip
-    parser.add_argument("--fc-width", type=int, default=None,
-                        help="FC6/FC7 width of a small variant (plain state dicts only)")  # fmt: skip
-    parser.add_argument("--crop", type=int, default=None,
-                        help="training crop of a small variant; FC6 kernel = crop / 32")  # fmt: skip
+    parser.add_argument(
+        "--width",
+        type=float,
+        default=None,
+        help="width multiplier of a small variant (plain state dicts only)",
+    )
+    parser.add_argument(
+        "--fc-width",
+        type=int,
+        default=None,
+        help="FC6/FC7 width of a small variant (plain state dicts only)",
+    )
+    parser.add_argument(
+        "--crop",
+        type=int,
+        default=None,
+        help="training crop of a small variant; FC6 kernel = crop / 32",
+    )
     args = parser.parse_args(argv)
     if args.version < 1:
         parser.error("--version must be a positive integer")
@@ -110,8 +147,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.name is not None and not NAME_PATTERN.match(args.name):
         parser.error(f"--name {args.name!r}: use letters, digits, '_', '-', '.' (max 64)")
     if args.precision == "int8" and args.calibration is None:
-        parser.error("--precision int8 needs --calibration DIR, a folder of images like the ones "
-                     "the model will serve (e.g. training images)")  # fmt: skip
+        parser.error(
+            "--precision int8 needs --calibration DIR, a folder of images like the ones "
+            "the model will serve (e.g. training images)"
+        )
     if args.precision != "int8" and args.calibration is not None:
         parser.error("--calibration is only used with --precision int8")
     if args.calibration_images < 1 or args.verify_images < 1:
@@ -178,14 +217,18 @@ def export_one(args: argparse.Namespace, arch: str | None, name: str | None) -> 
     name = name or (f"{spec.arch}-int8" if args.precision == "int8" else spec.arch)
     serving = args.scales or serving_scales(spec.crop)
     if min(serving) < spec.crop:
-        raise ExportError(f"--scales {[q for q in serving if q < spec.crop]} are below the "
-                          f"model's input minimum {spec.crop}; use scales >= {spec.crop}")  # fmt: skip
+        raise ExportError(
+            f"--scales {[q for q in serving if q < spec.crop]} are below the "
+            f"model's input minimum {spec.crop}; use scales >= {spec.crop}"
+        )
     if args.precision == "int8":
         scales = args.calibration_scales or serving
         if min(scales) < spec.crop:
             small = [q for q in scales if q < spec.crop]
-            raise ExportError(f"--calibration-scales {small} are below the model's input minimum "
-                              f"{spec.crop}; use scales >= {spec.crop}")  # fmt: skip
+            raise ExportError(
+                f"--calibration-scales {small} are below the model's input minimum "
+                f"{spec.crop}; use scales >= {spec.crop}"
+            )
     if not NAME_PATTERN.match(name):
         raise ExportError(f"model name {name!r} is not valid; pass --name")
     labels = read_labels(args, weights)
@@ -201,8 +244,10 @@ def export_one(args: argparse.Namespace, arch: str | None, name: str | None) -> 
     tolerance = TOLERANCE["fp32" if args.precision == "int8" else args.precision]
     rows = verify_against_torch(onnx_bytes, reference, sizes)
     for row in rows:
-        log(f"    {row['size'][0]}x{row['size'][1]}: relative error probs {row['probs']:.2e}, "
-            f"scores {row['scores']:.2e}")  # fmt: skip
+        log(
+            f"    {row['size'][0]}x{row['size'][1]}: relative error probs {row['probs']:.2e}, "
+            f"scores {row['scores']:.2e}"
+        )
     worst = max(max(r["probs"], r["scores"]) for r in rows)
     if worst >= tolerance:
         raise ExportError(
@@ -211,8 +256,9 @@ def export_one(args: argparse.Namespace, arch: str | None, name: str | None) -> 
         )
     extra_metadata = {}
     if args.precision == "int8":
-        onnx_bytes, extra_metadata = quantize_verified(args, onnx_bytes, name, scales,
-                                                       calibration, held_out)  # fmt: skip
+        onnx_bytes, extra_metadata = quantize_verified(
+            args, onnx_bytes, name, scales, calibration, held_out
+        )
 
     model = onnx.load_from_string(onnx_bytes)
     metadata = {
@@ -259,14 +305,18 @@ def quantize_verified(
     held_out: list[Path],
 ) -> tuple[bytes, dict[str, str]]:
     """The int8 graph of fp32 ``onnx_bytes``, checked against it; raises ExportError if too far."""
-    log(f"[{name}] 3b/4 int8: calibrating on {len(calibration)} images of {args.calibration} "
-        f"at Q={','.join(map(str, scales))} with flips")  # fmt: skip
+    log(
+        f"[{name}] 3b/4 int8: calibrating on {len(calibration)} images of {args.calibration} "
+        f"at Q={','.join(map(str, scales))} with flips"
+    )
     int8_bytes = quantize.quantize_int8(onnx_bytes, calibration, scales)
     unseen = "held-out" if not set(held_out) & set(calibration) else "calibration"
     log(f"[{name}] 3c/4 int8: checking against fp32 on {len(held_out)} {unseen} images")
     agreement = quantize.verify_int8(int8_bytes, onnx_bytes, held_out, scales)
-    log(f"    top-1 agreement {agreement.top1_agreement:.1%}, "
-        f"largest posterior difference {agreement.max_prob_diff:.4f}")  # fmt: skip
+    log(
+        f"    top-1 agreement {agreement.top1_agreement:.1%}, "
+        f"largest posterior difference {agreement.max_prob_diff:.4f}"
+    )
     if not agreement.acceptable():
         raise ExportError(
             f"int8 disagrees with fp32 on {len(held_out)} {unseen} images of {args.calibration} "
@@ -283,7 +333,7 @@ def quantize_verified(
                 "scales": list(scales),
                 "flip": True,
             }
-        ),  # fmt: skip
+        ),
         "quantization": "onnxruntime quantize_static QDQ, per-channel s8 weights, u8 activations, "
         f"min/max calibration; quantised ops {','.join(quantize.QUANTIZED_OPS)}",
         "int8_top1_agreement": f"{agreement.top1_agreement:.4f}",

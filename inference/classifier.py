@@ -148,7 +148,9 @@ class Classifier:
             if len(set(scales)) != len(scales):
                 raise OptionError("scales", "a scale is listed twice")
         distinct = set(model_scales.values())
-        scales = next(iter(distinct)) if len(distinct) == 1 else tuple(sorted(set().union(*distinct)))
+        scales = (
+            next(iter(distinct)) if len(distinct) == 1 else tuple(sorted(set().union(*distinct)))
+        )
         num_classes = self.models[names[0]].num_classes
         k = min(DEFAULT_TOP_K, num_classes) if options.top_k is None else options.top_k
         if not 1 <= k <= num_classes:

@@ -36,7 +36,6 @@ class ModelEntry:
     precision: str
     scales: tuple[int, ...]  # served at these Q when a request names none
 
-
     @property
     def num_classes(self) -> int:
         return len(self.labels)

@@ -70,8 +70,16 @@ def check_classification(body: Any, expected: Expected, where: str = "body") -> 
     """Problems with one image's result (``POST /v1/classify`` or one entry of a batch)."""
     if not isinstance(body, dict):
         return [f"{where}: expected a JSON object, got {type(body).__name__}"]
-    required = {"predictions", "per_model", "scales", "flip", "models", "mode", "image",
-                "timing_ms"}  # fmt: skip
+    required = {
+        "predictions",
+        "per_model",
+        "scales",
+        "flip",
+        "models",
+        "mode",
+        "image",
+        "timing_ms",
+    }
     missing = required - set(body)
     if missing:
         return [f"{where}: missing {', '.join(sorted(missing))}"]
@@ -82,8 +90,12 @@ def check_classification(body: Any, expected: Expected, where: str = "body") -> 
     else:
         for name, predictions in per_model.items():
             problems += check_predictions(predictions, expected.top_k, f"{where}.per_model.{name}")
-    for key, want in (("scales", list(expected.scales)), ("flip", expected.flip),
-                      ("models", list(expected.models)), ("mode", expected.mode)):  # fmt: skip
+    for key, want in (
+        ("scales", list(expected.scales)),
+        ("flip", expected.flip),
+        ("models", list(expected.models)),
+        ("mode", expected.mode),
+    ):
         if body[key] != want:
             problems.append(f"{where}.{key}: {body[key]!r}, asked for {want!r}")
     if body["image"] != {"width": expected.width, "height": expected.height}:

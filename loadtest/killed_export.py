@@ -80,8 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     """See the module docstring."""
     repository, name, version, step, source = sys.argv[1:] if argv is None else argv
     entry = read_model(Path(source))
-    info = ModelInfo(name=name, num_classes=entry.num_classes, mean=entry.mean, std=entry.std,
-                     min_size=entry.min_size, arch=entry.arch, precision=entry.precision)  # fmt: skip
+    info = ModelInfo(
+        name=name,
+        num_classes=entry.num_classes,
+        mean=entry.mean,
+        std=entry.std,
+        min_size=entry.min_size,
+        arch=entry.arch,
+        precision=entry.precision,
+    )
     onnx_bytes = entry.onnx_path.read_bytes()
     switch = KillSwitch(int(step))
     switch.install()

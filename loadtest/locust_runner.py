@@ -34,20 +34,30 @@ def start_locust(
     failed, 1 otherwise. The CSV files are ``<csv_prefix>_stats.csv`` etc.
     """
     command = [
-        sys.executable, "-m", "locust",
-        "-f", str(LOCUSTFILE),
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
         "--headless",
-        "--host", host,
-        "--users", str(users),
-        "--spawn-rate", str(spawn_rate),
-        "--run-time", duration,
+        "--host",
+        host,
+        "--users",
+        str(users),
+        "--spawn-rate",
+        str(spawn_rate),
+        "--run-time",
+        duration,
         # Requests in flight when the time is up are let finish: a cut-off is not a failure.
-        "--stop-timeout", "60",
-        "--csv", str(csv_prefix),
+        "--stop-timeout",
+        "60",
+        "--csv",
+        str(csv_prefix),
         "--csv-full-history",
         "--only-summary",
-        "--think-time", think_time,
-    ]  # fmt: skip
+        "--think-time",
+        think_time,
+    ]
     if events_file is not None:
         command += ["--events-file", str(events_file)]
     output = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
@@ -133,8 +143,13 @@ def read_history(csv_prefix: Path) -> list[tuple[float, int, int]]:
         with open(f"{csv_prefix}_stats_history.csv", newline="") as f:
             for row in csv.DictReader(f):
                 if row["Name"] == "Aggregated":
-                    rows.append((float(row["Timestamp"]), int(row["Total Request Count"]),
-                                 int(row["Total Failure Count"])))  # fmt: skip
+                    rows.append(
+                        (
+                            float(row["Timestamp"]),
+                            int(row["Total Request Count"]),
+                            int(row["Total Failure Count"]),
+                        )
+                    )
     except FileNotFoundError:
         pass
     return rows

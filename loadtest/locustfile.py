@@ -34,10 +34,16 @@ REQUEST_TIMEOUT_S = 120
 
 @events.init_command_line_parser.add_listener
 def _add_flags(parser) -> None:
-    parser.add_argument("--think-time", default="0.05,0.5",
-                        help="MIN,MAX seconds a user waits between requests (default %(default)s)")  # fmt: skip
-    parser.add_argument("--events-file", default="",
-                        help="write one JSON line per request here (time, name, status, error)")  # fmt: skip
+    parser.add_argument(
+        "--think-time",
+        default="0.05,0.5",
+        help="MIN,MAX seconds a user waits between requests (default %(default)s)",
+    )
+    parser.add_argument(
+        "--events-file",
+        default="",
+        help="write one JSON line per request here (time, name, status, error)",
+    )
 
 
 _events_log = None
@@ -119,9 +125,14 @@ class ClassifyUser(HttpUser):
         upload = self.rng.choice(IMAGES)
         plan = choose_plan(self.rng, self.info)
         files = {"file": (upload.filename, upload.data, upload.content_type)}
-        with self.client.post("/v1/classify", params=plan.params, files=files,
-                              name="/v1/classify", catch_response=True,
-                              timeout=REQUEST_TIMEOUT_S) as response:  # fmt: skip
+        with self.client.post(
+            "/v1/classify",
+            params=plan.params,
+            files=files,
+            name="/v1/classify",
+            catch_response=True,
+            timeout=REQUEST_TIMEOUT_S,
+        ) as response:
             if response.status_code != 200:
                 response.failure(f"{response.status_code}: {_detail(response)}")
                 return
@@ -136,9 +147,14 @@ class ClassifyUser(HttpUser):
         uploads = choose_uploads(self.rng, IMAGES, self.rng.choice(BATCH_SIZES))
         plan = choose_plan(self.rng, self.info)
         files = [("files", (u.filename, u.data, u.content_type)) for u in uploads]
-        with self.client.post("/v1/classify/batch", params=plan.params, files=files,
-                              name="/v1/classify/batch", catch_response=True,
-                              timeout=REQUEST_TIMEOUT_S) as response:  # fmt: skip
+        with self.client.post(
+            "/v1/classify/batch",
+            params=plan.params,
+            files=files,
+            name="/v1/classify/batch",
+            catch_response=True,
+            timeout=REQUEST_TIMEOUT_S,
+        ) as response:
             if response.status_code != 200:
                 response.failure(f"{response.status_code}: {_detail(response)}")
                 return

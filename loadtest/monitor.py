@@ -59,9 +59,14 @@ class ResourceMonitor:
                 except psutil.NoSuchProcess:
                     continue  # it died: the run's checks report that, not the monitor
                 self.samples.append(
-                    Sample(round(elapsed, 1), name, found.rss_bytes / 2**20, found.open_fds,
-                           found.threads)
-                )  # fmt: skip
+                    Sample(
+                        round(elapsed, 1),
+                        name,
+                        found.rss_bytes / 2**20,
+                        found.open_fds,
+                        found.threads,
+                    )
+                )
             if self._stop.wait(self.interval_s):
                 return
 

@@ -47,34 +47,66 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="loadtest/run.sh",
         description="Load the vggserve HTTP API with Locust (headless) and report the figures.",
     )
-    parser.add_argument("--backend", choices=("onnxruntime", "triton"), default="onnxruntime",
-                        help="embedded ONNX Runtime, or the real tritonserver started here on CPU")  # fmt: skip
-    parser.add_argument("--repository", type=Path, default=None,
-                        help="model repository to serve (default: two small VGGs exported into "
-                        f"{SMALL_REPOSITORY.relative_to(ROOT)} on first use)")  # fmt: skip
-    parser.add_argument("--scales", default=None,
-                        help="the server's --scales (default: 64,96,128 for the small models, "
-                        "the server's default otherwise)")  # fmt: skip
+    parser.add_argument(
+        "--backend",
+        choices=("onnxruntime", "triton"),
+        default="onnxruntime",
+        help="embedded ONNX Runtime, or the real tritonserver started here on CPU",
+    )
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        default=None,
+        help="model repository to serve (default: two small VGGs exported into "
+        f"{SMALL_REPOSITORY.relative_to(ROOT)} on first use)",
+    )
+    parser.add_argument(
+        "--scales",
+        default=None,
+        help="the server's --scales (default: 64,96,128 for the small models, "
+        "the server's default otherwise)",
+    )
     parser.add_argument("--users", type=int, default=None, help="concurrent Locust users (8)")
     parser.add_argument("--spawn-rate", type=float, default=4.0, help="users started per second")
     parser.add_argument("--duration", default=None, help="Locust --run-time: 30s, 5m, ... (30s)")
-    parser.add_argument("--think-time", default=None,
-                        help="MIN,MAX seconds between a user's requests (0.05,0.5)")  # fmt: skip
-    parser.add_argument("--soak", action="store_true",
-                        help=f"{SOAK['duration']} with {SOAK['users']} users; fail if RSS or open "
-                        "files grow after warm-up")  # fmt: skip
-    parser.add_argument("--warmup-s", type=float, default=None,
-                        help=f"seconds before growth is measured (soak: {SOAK['warmup_s']:.0f})")  # fmt: skip
-    parser.add_argument("--max-growth", type=float, default=0.10,
-                        help="largest allowed RSS / open-file growth after warm-up (0.10 = 10%%)")  # fmt: skip
-    parser.add_argument("--sample-every", type=float, default=5.0,
-                        help="seconds between resource samples")  # fmt: skip
-    parser.add_argument("--host", default=None,
-                        help="load this running server instead of starting one (no resources)")  # fmt: skip
-    parser.add_argument("--server-arg", action="append", default=[],
-                        help="extra flag for python -m server (repeat: --server-arg=--threads=1)")  # fmt: skip
-    parser.add_argument("--events-file", action="store_true",
-                        help="also write events.jsonl: one line per request")  # fmt: skip
+    parser.add_argument(
+        "--think-time", default=None, help="MIN,MAX seconds between a user's requests (0.05,0.5)"
+    )
+    parser.add_argument(
+        "--soak",
+        action="store_true",
+        help=f"{SOAK['duration']} with {SOAK['users']} users; fail if RSS or open "
+        "files grow after warm-up",
+    )
+    parser.add_argument(
+        "--warmup-s",
+        type=float,
+        default=None,
+        help=f"seconds before growth is measured (soak: {SOAK['warmup_s']:.0f})",
+    )
+    parser.add_argument(
+        "--max-growth",
+        type=float,
+        default=0.10,
+        help="largest allowed RSS / open-file growth after warm-up (0.10 = 10%%)",
+    )
+    parser.add_argument(
+        "--sample-every", type=float, default=5.0, help="seconds between resource samples"
+    )
+    parser.add_argument(
+        "--host",
+        default=None,
+        help="load this running server instead of starting one (no resources)",
+    )
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra flag for python -m server (repeat: --server-arg=--threads=1)",
+    )
+    parser.add_argument(
+        "--events-file", action="store_true", help="also write events.jsonl: one line per request"
+    )
     parser.add_argument("--out", type=Path, default=None, help="where the results go")
     args = parser.parse_args(argv)
     args.duration = args.duration or (SOAK["duration"] if args.soak else "30s")
@@ -113,8 +145,10 @@ def timeline(
         for name in names:
             near = [s for s in samples if s.process == name and s.elapsed_s <= mark]
             cells.append(f"{near[-1].rss_mb:>16.0f} {near[-1].open_fds:>5}" if near else " " * 22)
-        lines.append(f"{mark / 60:>5.0f}m {(requests - previous[0]) / every_s:>6.2f} "
-                     f"{failures - previous[1]:>6} " + " ".join(cells))  # fmt: skip
+        lines.append(
+            f"{mark / 60:>5.0f}m {(requests - previous[0]) / every_s:>6.2f} "
+            f"{failures - previous[1]:>6} " + " ".join(cells)
+        )
         previous = (requests, failures)
         mark += every_s
     return "\n".join(lines)
@@ -155,8 +189,16 @@ def main(argv: list[str] | None = None) -> int:
         events = out / "events.jsonl" if args.events_file else None
         started = time.time()
         with ResourceMonitor(watched, args.sample_every) as monitor:
-            locust = start_locust(host, csv_prefix, args.users, args.spawn_rate, args.duration,
-                                  args.think_time, events, out / "locust.log")  # fmt: skip
+            locust = start_locust(
+                host,
+                csv_prefix,
+                args.users,
+                args.spawn_rate,
+                args.duration,
+                args.think_time,
+                events,
+                out / "locust.log",
+            )
             locust_code = locust.wait()
         elapsed = time.time() - started
         monitor.write_csv(out / "resources.csv")
@@ -174,17 +216,26 @@ def main(argv: list[str] | None = None) -> int:
     for row in failures[:10]:
         print(f"  {row['Occurrences']} x {row['Method']} {row['Name']}: {row['Error'][:300]}")
 
-    report = {"command": command, "host": host, "backend": args.backend, "users": args.users,
-              "duration": args.duration, "elapsed_s": round(elapsed, 1),
-              "locust_exit_code": locust_code, **summary.as_dict()}  # fmt: skip
+    report = {
+        "command": command,
+        "host": host,
+        "backend": args.backend,
+        "users": args.users,
+        "duration": args.duration,
+        "elapsed_s": round(elapsed, 1),
+        "locust_exit_code": locust_code,
+        **summary.as_dict(),
+    }
     ok = summary.total.failures == 0 and locust_code == 0 and summary.total.requests > 0
     by_process: dict[str, list] = {}
     for s in monitor.samples:
         by_process.setdefault(s.process, []).append(s)
     for name, samples in by_process.items():
-        print(f"{name}: RSS {samples[0].rss_mb:.0f} -> {samples[-1].rss_mb:.0f} MB "
-              f"(peak {max(s.rss_mb for s in samples):.0f}), open files {samples[0].open_fds} -> "
-              f"{samples[-1].open_fds} (peak {max(s.open_fds for s in samples)})")  # fmt: skip
+        print(
+            f"{name}: RSS {samples[0].rss_mb:.0f} -> {samples[-1].rss_mb:.0f} MB "
+            f"(peak {max(s.rss_mb for s in samples):.0f}), open files {samples[0].open_fds} -> "
+            f"{samples[-1].open_fds} (peak {max(s.open_fds for s in samples)})"
+        )
     if args.soak:
         every = 60.0
         table = timeline(monitor.samples, read_history(csv_prefix), started, every)
@@ -201,9 +252,11 @@ def main(argv: list[str] | None = None) -> int:
             flat = g.ratio < args.max_growth
             ok = ok and flat
             report["growth"].append({**g.__dict__, "ratio": round(g.ratio, 4), "flat": flat})
-            print(f"{g.process} {g.measure}: {g.baseline:.1f} after warm-up -> {g.after:.1f} at "
-                  f"the end ({g.ratio:+.1%}, peak {g.peak:.1f}): "
-                  f"{'flat' if flat else 'GREW'}")  # fmt: skip
+            print(
+                f"{g.process} {g.measure}: {g.baseline:.1f} after warm-up -> {g.after:.1f} at "
+                f"the end ({g.ratio:+.1%}, peak {g.peak:.1f}): "
+                f"{'flat' if flat else 'GREW'}"
+            )
     (out / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
     print("PASSED" if ok else "FAILED", f"({summary.total.failures} failed requests)")
     return 0 if ok else 1

@@ -44,10 +44,23 @@ def export_small_models(repository: Path) -> Path:
             weights = Path(scratch) / f"{name}.pth"
             torch.save(model.state_dict(), weights)
             code = to_onnx.main(
-                ["--arch", arch, "--weights", str(weights), "--name", name,
-                 "--repository", str(repository), "--crop", str(SMALL["crop"]),
-                 "--width", str(SMALL["width"]), "--fc-width", str(SMALL["fc_width"])]
-            )  # fmt: skip
+                [
+                    "--arch",
+                    arch,
+                    "--weights",
+                    str(weights),
+                    "--name",
+                    name,
+                    "--repository",
+                    str(repository),
+                    "--crop",
+                    str(SMALL["crop"]),
+                    "--width",
+                    str(SMALL["width"]),
+                    "--fc-width",
+                    str(SMALL["fc_width"]),
+                ]
+            )
         if code != 0:
             raise RuntimeError(f"exporting the small model {name} failed (exit code {code})")
     return repository

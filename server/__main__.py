@@ -62,81 +62,151 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str, float]:
         prog="python -m server",
         description="HTTP front end: dense multi-scale VGG classification (FastAPI + uvicorn).",
     )
-    parser.add_argument("--repository", type=Path, default=defaults.repository,
-                        help="Triton model repository written by python export/to_onnx.py "
-                        "(default: %(default)s)")  # fmt: skip
-    parser.add_argument("--models", type=_list_of(parse_name_list, "model list"), default=None,
-                        help="comma-separated models to serve and fuse (default: every model in "
-                        "the repository)")  # fmt: skip
-    parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend,
-                        help="onnxruntime: in this process (default); triton: a Triton server "
-                        "over gRPC; torch: PyTorch in this process (for GPUs)")  # fmt: skip
-    parser.add_argument("--triton-url", default=defaults.triton_url,
-                        help="Triton gRPC address, with --backend triton (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--torch-device", default=defaults.torch_device,
-                        help="with --backend torch: auto (the first CUDA device, else the CPU), "
-                        "cpu, cuda or cuda:N (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--torch-dtype", choices=TORCH_DTYPES, default=defaults.torch_dtype,
-                        help="with --backend torch: precision of the convolutions; auto is bf16 "
-                        "on CUDA and fp32 on the CPU; pre- and post-processing stay fp32 "
-                        "(default: %(default)s)")  # fmt: skip
-    parser.add_argument("--torch-compile", choices=TORCH_COMPILE_MODES,
-                        default=defaults.torch_compile,
-                        help="with --backend torch: torch.compile mode (dynamic shapes, one "
-                        "compile per model); auto is reduce-overhead (CUDA graphs for shapes "
-                        "that recur) on CUDA and off (eager) on the CPU (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--torch-warmup", type=_list_of(parse_size_list, "size list"),
-                        default=(),
-                        help="with --backend torch: image sizes WIDTHxHEIGHT (e.g. 640x480,"
-                        "480x640) run at every --scales Q with flips before the server answers, "
-                        "so the first requests of those shapes pay no compile or graph capture "
-                        "(default: none)")  # fmt: skip
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        default=defaults.repository,
+        help="Triton model repository written by python export/to_onnx.py (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--models",
+        type=_list_of(parse_name_list, "model list"),
+        default=None,
+        help="comma-separated models to serve and fuse (default: every model in the repository)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=defaults.backend,
+        help="onnxruntime: in this process (default); triton: a Triton server "
+        "over gRPC; torch: PyTorch in this process (for GPUs)",
+    )
+    parser.add_argument(
+        "--triton-url",
+        default=defaults.triton_url,
+        help="Triton gRPC address, with --backend triton (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--torch-device",
+        default=defaults.torch_device,
+        help="with --backend torch: auto (the first CUDA device, else the CPU), "
+        "cpu, cuda or cuda:N (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--torch-dtype",
+        choices=TORCH_DTYPES,
+        default=defaults.torch_dtype,
+        help="with --backend torch: precision of the convolutions; auto is bf16 "
+        "on CUDA and fp32 on the CPU; pre- and post-processing stay fp32 "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--torch-compile",
+        choices=TORCH_COMPILE_MODES,
+        default=defaults.torch_compile,
+        help="with --backend torch: torch.compile mode (dynamic shapes, one "
+        "compile per model); auto is reduce-overhead (CUDA graphs for shapes "
+        "that recur) on CUDA and off (eager) on the CPU (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--torch-warmup",
+        type=_list_of(parse_size_list, "size list"),
+        default=(),
+        help="with --backend torch: image sizes WIDTHxHEIGHT (e.g. 640x480,"
+        "480x640) run at every --scales Q with flips before the server answers, "
+        "so the first requests of those shapes pay no compile or graph capture "
+        "(default: none)",
+    )
     parser.add_argument(
         "--host", default=defaults.host, help="address to bind (default: %(default)s)"
     )
     parser.add_argument(
         "--port", type=int, default=defaults.port, help="TCP port (default: %(default)s)"
     )
-    parser.add_argument("--scales", type=_list_of(parse_int_list, "scale list"),
-                        default=None,
-                        help="scales Q (shorter side) of a request that gives none, "
-                        "comma-separated, for every model (default: each model's serving "
-                        "scales, written into its config.pbtxt by the exporter)")  # fmt: skip
-    parser.add_argument("--max-upload-mb", type=_positive(float), default=defaults.max_upload_mb,
-                        help="largest request body in MB, refused with 413 while it streams in "
-                        "(default: %(default)s)")  # fmt: skip
-    parser.add_argument("--max-pixels", type=_positive(int), default=defaults.max_pixels,
-                        help="largest image in pixels (width x height), checked from the header "
-                        "before decoding, else 413 (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--max-concurrency", type=_positive(int),
-                        default=defaults.max_concurrency,
-                        help="requests being decoded and classified at once (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
-                        help="requests waiting for a slot; beyond them: 429 with Retry-After "
-                        "(default: %(default)s)")  # fmt: skip
-    parser.add_argument("--threads", type=_positive(int), default=None,
-                        help="ONNX Runtime threads per inference (default: every core)")  # fmt: skip
-    parser.add_argument("--shape-multiple", type=_positive(int), default=None,
-                        help="round the longer rescaled side to a multiple of this (e.g. 32) so "
-                        "photos of many aspect ratios make few input shapes; slightly stretches "
-                        "the image (default: exact rescaling, as the paper)")  # fmt: skip
-    parser.add_argument("--batch-delay-ms", type=float, default=None,
-                        help="micro-batching: how long the first same-shape view batch waits for "
-                        "other requests' views to run with it; 0 turns it off (default: 2 on a "
-                        "GPU, off on CPU)")  # fmt: skip
-    parser.add_argument("--max-batch", type=_positive(int), default=defaults.max_batch,
-                        help="most views in one micro-batch (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--jpeg-draft", action="store_true",
-                        help="decode JPEGs much larger than the largest Q at 1/2, 1/4 or 1/8 size "
-                        "(libjpeg's scaled IDCT), keeping the shorter side at least twice that Q: "
-                        "faster decoding, probabilities within 1e-3 of full decoding "
-                        "(default: off, exact decoding)")  # fmt: skip
-    parser.add_argument("--grace-period", type=_positive(float), default=30.0,
-                        help="seconds in-flight requests get to finish after SIGTERM before the "
-                        "server exits anyway (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--log-level", default="info",
-                        choices=("critical", "error", "warning", "info", "debug"),
-                        help="uvicorn and server log level (default: %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--scales",
+        type=_list_of(parse_int_list, "scale list"),
+        default=None,
+        help="scales Q (shorter side) of a request that gives none, "
+        "comma-separated, for every model (default: each model's serving "
+        "scales, written into its config.pbtxt by the exporter)",
+    )
+    parser.add_argument(
+        "--max-upload-mb",
+        type=_positive(float),
+        default=defaults.max_upload_mb,
+        help="largest request body in MB, refused with 413 while it streams in "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=_positive(int),
+        default=defaults.max_pixels,
+        help="largest image in pixels (width x height), checked from the header "
+        "before decoding, else 413 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-concurrency",
+        type=_positive(int),
+        default=defaults.max_concurrency,
+        help="requests being decoded and classified at once (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=defaults.max_queue,
+        help="requests waiting for a slot; beyond them: 429 with Retry-After "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive(int),
+        default=None,
+        help="ONNX Runtime threads per inference (default: every core)",
+    )
+    parser.add_argument(
+        "--shape-multiple",
+        type=_positive(int),
+        default=None,
+        help="round the longer rescaled side to a multiple of this (e.g. 32) so "
+        "photos of many aspect ratios make few input shapes; slightly stretches "
+        "the image (default: exact rescaling, as the paper)",
+    )
+    parser.add_argument(
+        "--batch-delay-ms",
+        type=float,
+        default=None,
+        help="micro-batching: how long the first same-shape view batch waits for "
+        "other requests' views to run with it; 0 turns it off (default: 2 on a "
+        "GPU, off on CPU)",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=_positive(int),
+        default=defaults.max_batch,
+        help="most views in one micro-batch (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--jpeg-draft",
+        action="store_true",
+        help="decode JPEGs much larger than the largest Q at 1/2, 1/4 or 1/8 size "
+        "(libjpeg's scaled IDCT), keeping the shorter side at least twice that Q: "
+        "faster decoding, probabilities within 1e-3 of full decoding "
+        "(default: off, exact decoding)",
+    )
+    parser.add_argument(
+        "--grace-period",
+        type=_positive(float),
+        default=30.0,
+        help="seconds in-flight requests get to finish after SIGTERM before the "
+        "server exits anyway (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="uvicorn and server log level (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     if args.max_queue < 0:
         parser.error("--max-queue must be 0 or more")
@@ -194,9 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     # grace period it cancels what is left and exits. h11, not httptools: httptools buffers
     # request headers without any limit (300 MB of one header took 300 MB of RSS), h11 answers
     # 400 beyond MAX_HEADER_BYTES.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level,
-                timeout_graceful_shutdown=grace_period, http="h11",
-                h11_max_incomplete_event_size=MAX_HEADER_BYTES)  # fmt: skip
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=grace_period,
+        http="h11",
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+    )
     return 0
 
 

@@ -176,8 +176,9 @@ def torch_opener(
             except BaseException:
                 await backend.close()
                 raise
-            log.info("torch warm-up: %d shapes x %d models in %.1f s", len(shapes), len(models),
-                     seconds)  # fmt: skip
+            log.info(
+                "torch warm-up: %d shapes x %d models in %.1f s", len(shapes), len(models), seconds
+            )
         return with_batching(backend, settings, backend.on_gpu, on_batch)
 
     return open_torch

@@ -9,8 +9,13 @@ BACKENDS = ("onnxruntime", "triton", "torch")
 # --backend torch (inference/backends/torch.py checks the same names; torch is not imported here).
 TORCH_DTYPES = ("auto", "bf16", "fp16", "fp32")
 TORCH_COMPILE_MODES = (
-    "auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
-)  # fmt: skip
+    "auto",
+    "off",
+    "default",
+    "reduce-overhead",
+    "max-autotune",
+    "max-autotune-no-cudagraphs",
+)
 
 
 @dataclass(frozen=True)

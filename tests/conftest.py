@@ -66,8 +66,11 @@ def two_model_repository(tmp_path_factory):
                 str(repo),
                 "--crop",
                 str(SMALL["crop"]),
+                # Served at the paper's scales by default: the tests check the protocol there.
+                "--scales",
+                "256,384,512",
                 *flags,
-            ]  # fmt: skip
+            ]
         )
         assert code == 0
         models[name] = model

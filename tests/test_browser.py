@@ -17,9 +17,17 @@ from .images import encode, landscape
 from .server_process import ServerProcess
 
 SCREENSHOT = "/tmp/vggserve-page.png"
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--window-size=1280,1000"]  # fmt: skip
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1280,1000",
+]
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +88,12 @@ def test_page_shows_the_api_answer_and_the_score_map(server, browser, photo):
     # The same file through the API, with the page's parameters.
     params = {"top_k": 5, "mode": "dense", "flip": "true", "heatmap": "true"}
     with photo.open("rb") as f:
-        response = httpx.post(f"{server.url}/v1/classify", params=params,
-                              files={"file": (photo.name, f, "image/jpeg")}, timeout=60)  # fmt: skip
+        response = httpx.post(
+            f"{server.url}/v1/classify",
+            params=params,
+            files={"file": (photo.name, f, "image/jpeg")},
+            timeout=60,
+        )
     assert response.status_code == 200
     api = response.json()
 

@@ -41,15 +41,17 @@ def instruction(stage: list[str], name: str) -> list[str]:
 
 
 def test_hadolint_passes():
-    result = subprocess.run([hadolint(), "--no-color", str(DOCKERFILE)], capture_output=True,
-                            text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [hadolint(), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_triton_target_serves_the_repository_with_nvidias_image():
     triton = stages()["triton"]
-    assert re.fullmatch(r"FROM nvcr\.io/nvidia/tritonserver:\$\{TRITON_VERSION\}-py3 AS triton",
-                        triton[0])  # fmt: skip
+    assert re.fullmatch(
+        r"FROM nvcr\.io/nvidia/tritonserver:\$\{TRITON_VERSION\}-py3 AS triton", triton[0]
+    )
     version = re.search(r"^ARG TRITON_VERSION=(\d\d)\.(\d\d)$", DOCKERFILE.read_text(), re.M)
     assert version and version.group(1) == "24"
     assert "model_repository/ /models/" in instruction(triton, "COPY")
@@ -128,6 +130,7 @@ from inference.backends.triton import TritonBackend
 create_app(Settings(repository={str(two_model_repository[0])!r}, backend="triton"))
 print("app created")
 """
-    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "app created" in result.stdout, result.stderr

@@ -23,8 +23,14 @@ from vgg.models import build
 from .conftest import ROOT, SMALL
 from .reference import dense_probs, dense_scores
 
-SMALL_FLAGS = ["--width", str(SMALL["width"]), "--fc-width", str(SMALL["fc_width"]),
-               "--crop", str(SMALL["crop"])]  # fmt: skip
+SMALL_FLAGS = [
+    "--width",
+    str(SMALL["width"]),
+    "--fc-width",
+    str(SMALL["fc_width"]),
+    "--crop",
+    str(SMALL["crop"]),
+]
 
 
 def run_export(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -49,8 +55,17 @@ def relative(actual, reference) -> float:
 @pytest.fixture(scope="module")
 def small_export(small_state_dict_path, tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo")
-    result = run_export("--arch", "vgg16", "--weights", str(small_state_dict_path), "--name",
-                        "small", "--repository", str(repo), *SMALL_FLAGS)  # fmt: skip
+    result = run_export(
+        "--arch",
+        "vgg16",
+        "--weights",
+        str(small_state_dict_path),
+        "--name",
+        "small",
+        "--repository",
+        str(repo),
+        *SMALL_FLAGS,
+    )
     assert result.returncode == 0, result.stderr
     return repo
 
@@ -68,7 +83,10 @@ def test_repository_layout_and_config_parses_with_triton_protobuf(small_export):
     assert len(config.instance_group) == 1
     (image,) = config.input
     assert (image.name, image.data_type, list(image.dims)) == (
-        "image", model_config_pb2.TYPE_UINT8, [3, -1, -1])  # fmt: skip
+        "image",
+        model_config_pb2.TYPE_UINT8,
+        [3, -1, -1],
+    )
     outputs = {o.name: o for o in config.output}
     assert list(outputs["probs"].dims) == [10]
     assert outputs["probs"].label_filename == "labels.txt"
@@ -110,9 +128,19 @@ def test_small_export_matches_independent_reference(small_export, small_state_di
 
 
 def test_fp16_export_within_1e_2(small_state_dict_path, tmp_path):
-    result = run_export("--arch", "vgg16", "--weights", str(small_state_dict_path), "--name",
-                        "half", "--precision", "fp16", "--repository", str(tmp_path),
-                        *SMALL_FLAGS)  # fmt: skip
+    result = run_export(
+        "--arch",
+        "vgg16",
+        "--weights",
+        str(small_state_dict_path),
+        "--name",
+        "half",
+        "--precision",
+        "fp16",
+        "--repository",
+        str(tmp_path),
+        *SMALL_FLAGS,
+    )
     assert result.returncode == 0, result.stderr
     reference = build("vgg16", **SMALL)
     reference.load_state_dict(torch.load(small_state_dict_path, weights_only=True))
@@ -132,8 +160,9 @@ def test_full_vgg16_torchvision_state_dict_exports_and_matches(tmp_path):
     weights = tmp_path / "vgg16.pth"
     torch.save(tv.state_dict(), weights)
     repo = tmp_path / "repo"
-    result = run_export("--arch", "vgg16", "--weights", str(weights), "--name", "vgg16",
-                        "--repository", str(repo))  # fmt: skip
+    result = run_export(
+        "--arch", "vgg16", "--weights", str(weights), "--name", "vgg16", "--repository", str(repo)
+    )
     assert result.returncode == 0, result.stderr
     labels = (repo / "vgg16" / "labels.txt").read_text().splitlines()
     assert labels == list(torchvision.models.VGG16_Weights.IMAGENET1K_V1.meta["categories"])
@@ -145,9 +174,19 @@ def test_full_vgg16_torchvision_state_dict_exports_and_matches(tmp_path):
 
 
 def test_export_keeps_other_versions_and_replaces_config(small_export, small_state_dict_path):
-    result = run_export("--arch", "vgg16", "--weights", str(small_state_dict_path), "--name",
-                        "small", "--version", "2", "--repository", str(small_export),
-                        *SMALL_FLAGS)  # fmt: skip
+    result = run_export(
+        "--arch",
+        "vgg16",
+        "--weights",
+        str(small_state_dict_path),
+        "--name",
+        "small",
+        "--version",
+        "2",
+        "--repository",
+        str(small_export),
+        *SMALL_FLAGS,
+    )
     assert result.returncode == 0, result.stderr
     assert (small_export / "small" / "1" / "model.onnx").is_file()
     assert (small_export / "small" / "2" / "model.onnx").is_file()
@@ -171,8 +210,14 @@ def test_unknown_arch(tmp_path):
 
 
 def test_missing_weights(tmp_path):
-    result = run_export("--arch", "vgg16", "--weights", str(tmp_path / "nope.pth"),
-                        "--repository", str(tmp_path / "repo"))  # fmt: skip
+    result = run_export(
+        "--arch",
+        "vgg16",
+        "--weights",
+        str(tmp_path / "nope.pth"),
+        "--repository",
+        str(tmp_path / "repo"),
+    )
     assert_clean_failure(result, "does not exist")
     assert not (tmp_path / "repo").exists()
 
@@ -185,8 +230,15 @@ def test_corrupt_weights(tmp_path):
 
 
 def test_checkpoint_of_another_arch(small_state_dict_path, tmp_path):
-    result = run_export("--arch", "vgg19", "--weights", str(small_state_dict_path),
-                        "--repository", str(tmp_path / "repo"), *SMALL_FLAGS)  # fmt: skip
+    result = run_export(
+        "--arch",
+        "vgg19",
+        "--weights",
+        str(small_state_dict_path),
+        "--repository",
+        str(tmp_path / "repo"),
+        *SMALL_FLAGS,
+    )
     assert_clean_failure(result, "does not match vgg19: missing keys")
     assert not (tmp_path / "repo").exists()
 
@@ -194,14 +246,26 @@ def test_checkpoint_of_another_arch(small_state_dict_path, tmp_path):
 def test_unwritable_repository(small_state_dict_path, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    result = run_export("--arch", "vgg16", "--weights", str(small_state_dict_path),
-                        "--repository", str(blocker / "repo"), *SMALL_FLAGS)  # fmt: skip
+    result = run_export(
+        "--arch",
+        "vgg16",
+        "--weights",
+        str(small_state_dict_path),
+        "--repository",
+        str(blocker / "repo"),
+        *SMALL_FLAGS,
+    )
     assert_clean_failure(result, "cannot write to repository")
 
 
 def test_imagenet_offline_says_how_to_pass_a_file(tmp_path):
-    result = run_export("--arch", "vgg16", "--repository", str(tmp_path / "repo"),
-                        env={"TORCH_HOME": str(tmp_path / "torch-home")})  # fmt: skip
+    result = run_export(
+        "--arch",
+        "vgg16",
+        "--repository",
+        str(tmp_path / "repo"),
+        env={"TORCH_HOME": str(tmp_path / "torch-home")},
+    )
     assert_clean_failure(result, "--weights PATH")
     assert "vgg16-397923af.pth" in result.stderr
     assert not (tmp_path / "repo").exists()
@@ -210,15 +274,33 @@ def test_imagenet_offline_says_how_to_pass_a_file(tmp_path):
 def test_wrong_label_count(small_state_dict_path, tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("a\nb\n")
-    result = run_export("--arch", "vgg16", "--weights", str(small_state_dict_path), "--labels",
-                        str(labels), "--repository", str(tmp_path / "r"), *SMALL_FLAGS)  # fmt: skip
+    result = run_export(
+        "--arch",
+        "vgg16",
+        "--weights",
+        str(small_state_dict_path),
+        "--labels",
+        str(labels),
+        "--repository",
+        str(tmp_path / "r"),
+        *SMALL_FLAGS,
+    )
     assert_clean_failure(result, "2 labels for a model with 10 classes")
 
 
 def test_mismatch_writes_nothing(monkeypatch, small_state_dict_path, tmp_path, capsys):
     monkeypatch.setitem(to_onnx.TOLERANCE, "fp32", 0.0)
-    code = to_onnx.main(["--arch", "vgg16", "--weights", str(small_state_dict_path),
-                         "--repository", str(tmp_path / "repo"), *SMALL_FLAGS])  # fmt: skip
+    code = to_onnx.main(
+        [
+            "--arch",
+            "vgg16",
+            "--weights",
+            str(small_state_dict_path),
+            "--repository",
+            str(tmp_path / "repo"),
+            *SMALL_FLAGS,
+        ]
+    )
     assert code != 0
     assert "nothing was written" in capsys.readouterr().err
     assert not (tmp_path / "repo" / "vgg16").exists()
@@ -233,8 +315,19 @@ def test_failure_while_writing_leaves_repository_as_it_was(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("export.repository.config_text", explode)
-    code = to_onnx.main(["--arch", "vgg16", "--weights", str(small_state_dict_path), "--name",
-                         "small", "--repository", str(small_export), *SMALL_FLAGS])  # fmt: skip
+    code = to_onnx.main(
+        [
+            "--arch",
+            "vgg16",
+            "--weights",
+            str(small_state_dict_path),
+            "--name",
+            "small",
+            "--repository",
+            str(small_export),
+            *SMALL_FLAGS,
+        ]
+    )
     assert code != 0
     after = {p: p.stat().st_mtime_ns for p in (small_export / "small").rglob("*")}
     assert after == before
@@ -244,8 +337,16 @@ def test_failure_while_writing_leaves_repository_as_it_was(
 def test_help_documents_every_flag():
     result = run_export("--help")
     assert result.returncode == 0
-    for flag in ["--arch", "--weights", "--name", "--repository", "--version", "--precision",
-                 "--labels", "--opset"]:  # fmt: skip
+    for flag in [
+        "--arch",
+        "--weights",
+        "--name",
+        "--repository",
+        "--version",
+        "--precision",
+        "--labels",
+        "--opset",
+    ]:
         assert flag in result.stdout
 
 
@@ -253,8 +354,20 @@ def test_serving_scales_are_written_into_the_config(small_state_dict_path, tmp_p
     from inference import read_repository
 
     repository = tmp_path / "repo"
-    common = ["--arch", "vgg16", "--weights", str(small_state_dict_path), "--crop", "64",
-              "--width", "0.125", "--fc-width", "128", "--repository", str(repository)]  # fmt: skip
+    common = [
+        "--arch",
+        "vgg16",
+        "--weights",
+        str(small_state_dict_path),
+        "--crop",
+        "64",
+        "--width",
+        "0.125",
+        "--fc-width",
+        "128",
+        "--repository",
+        str(repository),
+    ]
     assert to_onnx.main([*common, "--name", "default"]) == 0
     assert to_onnx.main([*common, "--name", "given", "--scales", "96,128"]) == 0
     models = read_repository(repository)

@@ -54,10 +54,21 @@ def assert_loadable(repository: Path) -> dict[str, bytes]:
 
 def killed_export(repository: Path, name: str, version: int, step: int, source: Path):
     return subprocess.run(
-        [sys.executable, "-m", "loadtest.killed_export", str(repository), name, str(version),
-         str(step), str(source)],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "loadtest.killed_export",
+            str(repository),
+            name,
+            str(version),
+            str(step),
+            str(source),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -98,8 +109,9 @@ def test_export_killed_at_every_step_leaves_the_repository_loadable(
 
 def kill_when_writing(command: list[str], repository: Path) -> int:
     """Run an export; SIGKILL it the instant its staging folder appears. Its exit code."""
-    export = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)  # fmt: skip
+    export = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     staging_prefix = f".{repository.name}-"
     deadline = time.monotonic() + 120
     try:
@@ -122,9 +134,24 @@ def test_real_export_killed_while_writing_leaves_a_servable_repository(
     repository = tmp_path / "repo"
     shutil.copytree(pristine, repository)
     weights = pristine.parent / "m16.pth"  # the fixture's own weights file
-    command = [sys.executable, "export/to_onnx.py", "--arch", "vgg16", "--weights", str(weights),
-               "--name", "m16", "--repository", str(repository), "--crop", str(SMALL["crop"]),
-               "--width", str(SMALL["width"]), "--fc-width", str(SMALL["fc_width"])]  # fmt: skip
+    command = [
+        sys.executable,
+        "export/to_onnx.py",
+        "--arch",
+        "vgg16",
+        "--weights",
+        str(weights),
+        "--name",
+        "m16",
+        "--repository",
+        str(repository),
+        "--crop",
+        str(SMALL["crop"]),
+        "--width",
+        str(SMALL["width"]),
+        "--fc-width",
+        str(SMALL["fc_width"]),
+    ]
     for _attempt in range(3):  # on a fast disk the write can finish between two polls
         for stale in [repository, *tmp_path.glob(f".{repository.name}-*")]:
             shutil.rmtree(stale)

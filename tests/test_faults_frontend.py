@@ -29,20 +29,35 @@ from loadtest.processes import FrontEnd, sample_resources
 SCALES = "64,96,128"
 IMAGES = build_image_set()
 PHOTO = IMAGES[6]  # 1600x1200 JPEG
-EXPECTED = Expected(top_k=5, scales=(64, 96, 128), flip=True, models=("m16", "m19"),
-                    mode="dense", heatmap=False, width=PHOTO.width, height=PHOTO.height)  # fmt: skip
+EXPECTED = Expected(
+    top_k=5,
+    scales=(64, 96, 128),
+    flip=True,
+    models=("m16", "m19"),
+    mode="dense",
+    heatmap=False,
+    width=PHOTO.width,
+    height=PHOTO.height,
+)
 
 
 def multipart(data: bytes, filename: str = "photo.jpg", boundary: str = "vggserve-b") -> bytes:
-    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
-            f"filename=\"{filename}\"\r\nContent-Type: image/jpeg\r\n\r\n").encode() + data + \
-        f"\r\n--{boundary}--\r\n".encode()  # fmt: skip
+    return (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+            f'filename="{filename}"\r\nContent-Type: image/jpeg\r\n\r\n'
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
 
 
 def request_head(port: int, length: int, boundary: str = "vggserve-b") -> bytes:
-    return (f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
-            f"Content-Length: {length}\r\n\r\n").encode()  # fmt: skip
+    return (
+        f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
 
 
 class SlowUpload(threading.Thread):
@@ -99,9 +114,16 @@ def test_sigterm_under_load_finishes_in_flight_refuses_new_and_exits_in_time(
     args = ["--repository", str(repository), "--scales", SCALES, "--grace-period", str(grace)]
     with FrontEnd(*args, log_dir=tmp_path) as front:
         events = tmp_path / "events.jsonl"
-        locust = start_locust(front.url, tmp_path / "locust", users=4, spawn_rate=4,
-                              duration="40s", think_time="0.05,0.3", events_file=events,
-                              log_path=tmp_path / "locust.log")  # fmt: skip
+        locust = start_locust(
+            front.url,
+            tmp_path / "locust",
+            users=4,
+            spawn_rate=4,
+            duration="40s",
+            think_time="0.05,0.3",
+            events_file=events,
+            log_path=tmp_path / "locust.log",
+        )
         try:
             time.sleep(6)  # load established
             upload = SlowUpload(front.port, seconds=3)
@@ -118,8 +140,13 @@ def test_sigterm_under_load_finishes_in_flight_refuses_new_and_exits_in_time(
                 for batch in batches:  # in flight: answered in full
                     response = batch.result()
                     assert response.status_code == 200, response.text
-                    expected = [(u.filename, Expected(**{**EXPECTED.__dict__, "width": u.width,
-                                 "height": u.height})) for u in IMAGES[5:8]]  # fmt: skip
+                    expected = [
+                        (
+                            u.filename,
+                            Expected(**{**EXPECTED.__dict__, "width": u.width, "height": u.height}),
+                        )
+                        for u in IMAGES[5:8]
+                    ]
                     assert check_batch(response.json(), expected) == []
             upload.join(30)
             assert upload.error is None, upload.error
@@ -142,10 +169,12 @@ def test_sigterm_under_load_finishes_in_flight_refuses_new_and_exits_in_time(
         elif not record["ok"]:  # after: refused or closed by a stopped server, never a 5xx
             assert record["status"] == 0, record
     in_flight = [r for r in records if r["t"] - r["ms"] / 1000 < term_at < r["t"]]
-    print(f"SIGTERM under load: {len(records)} requests, {len(in_flight)} Locust requests in "
-          f"flight at SIGTERM (+ 2 batches and a slow upload) all answered; new connections "
-          f"refused {refused_after:.2f} s after SIGTERM; exit {exited_after:.2f} s after "
-          "SIGTERM")  # fmt: skip
+    print(
+        f"SIGTERM under load: {len(records)} requests, {len(in_flight)} Locust requests in "
+        f"flight at SIGTERM (+ 2 batches and a slow upload) all answered; new connections "
+        f"refused {refused_after:.2f} s after SIGTERM; exit {exited_after:.2f} s after "
+        "SIGTERM"
+    )
 
 
 def test_grace_period_bounds_the_exit_when_a_request_outlasts_it(two_model_repository, tmp_path):
@@ -196,8 +225,9 @@ def in_flight(url: str) -> float:
 @pytest.mark.parametrize("body_mb", [0.3, 3])  # 3 MB: spooled to a temporary file on disk
 def test_clients_vanishing_mid_upload_cost_nothing(two_model_repository, tmp_path, body_mb):
     repository, _ = two_model_repository
-    big = encode(smooth_image(int(700 * body_mb**0.5) * 2, int(500 * body_mb**0.5) * 2, "RGB",
-                              seed=3), "PNG")  # fmt: skip
+    big = encode(
+        smooth_image(int(700 * body_mb**0.5) * 2, int(500 * body_mb**0.5) * 2, "RGB", seed=3), "PNG"
+    )
     body = multipart(big, "big.png")
     with FrontEnd("--repository", str(repository), "--scales", SCALES, log_dir=tmp_path) as front:
         served: list[int] = []
@@ -209,8 +239,9 @@ def test_clients_vanishing_mid_upload_cost_nothing(two_model_repository, tmp_pat
             def steady_client() -> None:
                 while not stop.is_set():
                     files = {"file": (PHOTO.filename, PHOTO.data, PHOTO.content_type)}
-                    served.append(httpx.post(f"{front.url}/v1/classify", files=files,
-                                             timeout=60).status_code)  # fmt: skip
+                    served.append(
+                        httpx.post(f"{front.url}/v1/classify", files=files, timeout=60).status_code
+                    )
 
             with ThreadPoolExecutor(2) as pool:
                 steady = [pool.submit(steady_client) for _ in range(2)]
@@ -232,17 +263,24 @@ def test_clients_vanishing_mid_upload_cost_nothing(two_model_repository, tmp_pat
         assert served and set(served) == {200}, served
         # A leaked socket or spooled file per vanished upload would be +12 here; +2 is the noise
         # of connections the server has not yet seen closed.
-        wait_for(lambda: sample_resources(front.pid).open_fds <= baseline.open_fds + 2,
-                 "open files back to where they were")  # fmt: skip
+        wait_for(
+            lambda: sample_resources(front.pid).open_fds <= baseline.open_fds + 2,
+            "open files back to where they were",
+        )
         # Uploads over 1 MB are spooled to (unnamed) temporary files: none may stay open.
-        temporary = [f.path for f in psutil.Process(front.pid).open_files()
-                     if f.path.startswith(tempfile.gettempdir()) and f.path != str(front.log_path)]  # fmt: skip
+        temporary = [
+            f.path
+            for f in psutil.Process(front.pid).open_files()
+            if f.path.startswith(tempfile.gettempdir()) and f.path != str(front.log_path)
+        ]
         assert not temporary, temporary
         now = sample_resources(front.pid)
         grown_mb = (now.rss_bytes - baseline.rss_bytes) / 2**20
-        print(f"{len(served)} steady requests served during 24 vanishing {body_mb} MB uploads; "
-              f"RSS over the second 12: {grown_mb:+.0f} MB, open files {baseline.open_fds} -> "
-              f"{now.open_fds}")  # fmt: skip
+        print(
+            f"{len(served)} steady requests served during 24 vanishing {body_mb} MB uploads; "
+            f"RSS over the second 12: {grown_mb:+.0f} MB, open files {baseline.open_fds} -> "
+            f"{now.open_fds}"
+        )
         # No bound on RSS here: over 12 uploads it moves by +-70 MB with glibc arenas (2-4 MP
         # decodes on several threads), a noise larger than any leak it could show. Open files,
         # spooled files and slots above are the exact checks; the soak measures RSS.

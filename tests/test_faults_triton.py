@@ -36,13 +36,28 @@ def test_triton_killed_and_restarted_under_load(two_model_repository, tmp_path):
     triton = LocalTriton(repository, http, grpc, metrics, work_dir=tmp_path / "triton")
     triton.start()
     try:
-        args = ["--repository", str(repository), "--scales", "64,96,128", "--backend", "triton",
-                "--triton-url", triton.grpc_url]  # fmt: skip
+        args = [
+            "--repository",
+            str(repository),
+            "--scales",
+            "64,96,128",
+            "--backend",
+            "triton",
+            "--triton-url",
+            triton.grpc_url,
+        ]
         with FrontEnd(*args, log_dir=tmp_path) as front:
             events = tmp_path / "events.jsonl"
-            locust = start_locust(front.url, tmp_path / "locust", users=4, spawn_rate=4,
-                                  duration=f"{LOAD_S}s", think_time="0.05,0.3",
-                                  events_file=events, log_path=tmp_path / "locust.log")  # fmt: skip
+            locust = start_locust(
+                front.url,
+                tmp_path / "locust",
+                users=4,
+                spawn_rate=4,
+                duration=f"{LOAD_S}s",
+                think_time="0.05,0.3",
+                events_file=events,
+                log_path=tmp_path / "locust.log",
+            )
             time.sleep(KILL_AT_S)
             killed_at = time.time()
             triton.kill()
@@ -61,9 +76,11 @@ def test_triton_killed_and_restarted_under_load(two_model_repository, tmp_path):
     before = [r for r in records if r["ok"] and r["t"] < killed_at]
     after = [r for r in records if r["ok"] and r["start"] > ready_at + RECOVERY_S]
     recovered = min((r["t"] for r in records if r["ok"] and r["t"] > ready_at), default=None)
-    summary = (f"{len(records)} requests, {len(failures)} failed; "
-               f"Triton ready again {ready_at - killed_at:.1f} s after the kill, first success "
-               f"{(recovered or ready_at) - ready_at:.2f} s after that")  # fmt: skip
+    summary = (
+        f"{len(records)} requests, {len(failures)} failed; "
+        f"Triton ready again {ready_at - killed_at:.1f} s after the kill, first success "
+        f"{(recovered or ready_at) - ready_at:.2f} s after that"
+    )
     assert len(before) >= 5 and len(after) >= 5, summary  # served before, and again after
     assert failures, f"the outage was not seen at all: {summary}"
     for failure in failures:

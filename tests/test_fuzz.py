@@ -42,8 +42,14 @@ def _seed(fmt: str) -> bytes:
 
 
 SEEDS = {fmt: _seed(fmt) for fmt in ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP")}
-MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp",
-        "TIFF": "image/tiff", "BMP": "image/bmp"}  # fmt: skip
+MIME = {
+    "JPEG": "image/jpeg",
+    "PNG": "image/png",
+    "GIF": "image/gif",
+    "WEBP": "image/webp",
+    "TIFF": "image/tiff",
+    "BMP": "image/bmp",
+}
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +57,16 @@ def server(two_model_repository, tmp_path_factory):
     repository, _ = two_model_repository
     log_dir = tmp_path_factory.mktemp("fuzz-logs")
     # Small limits: a mutated header claiming a huge image or a large body is refused cheaply.
-    args = ["--repository", str(repository), "--scales", str(SCALE), "--max-upload-mb", "2",
-            "--max-pixels", "4000000"]  # fmt: skip
+    args = [
+        "--repository",
+        str(repository),
+        "--scales",
+        str(SCALE),
+        "--max-upload-mb",
+        "2",
+        "--max-pixels",
+        "4000000",
+    ]
     with FrontEnd(*args, log_dir=log_dir) as front:
         with httpx.Client(base_url=front.url, timeout=60) as client:
             ok = client.post("/v1/classify", files={"file": ("a.png", SEEDS["PNG"], "image/png")})
@@ -76,8 +90,9 @@ def assert_documented(response: httpx.Response, expected: Expected | None = None
     body = response.json()
     if response.status_code == 200 and expected is not None:
         size = body.get("image", {})  # a mutation may change the size in the header
-        at_size = Expected(**{**expected.__dict__, "width": size.get("width"),
-                              "height": size.get("height")})  # fmt: skip
+        at_size = Expected(
+            **{**expected.__dict__, "width": size.get("width"), "height": size.get("height")}
+        )
         assert check_classification(body, at_size) == []
     elif response.status_code != 200:
         assert isinstance(body.get("detail"), str) and body["detail"], body
@@ -110,8 +125,16 @@ def mutated_images(draw) -> tuple[str, bytes]:
     return fmt, bytes(data)
 
 
-EXPECTED = Expected(top_k=5, scales=(SCALE,), flip=False, models=("m16", "m19"), mode="dense",
-                    heatmap=False, width=0, height=0)  # fmt: skip
+EXPECTED = Expected(
+    top_k=5,
+    scales=(SCALE,),
+    flip=False,
+    models=("m16", "m19"),
+    mode="dense",
+    heatmap=False,
+    width=0,
+    height=0,
+)
 
 
 @FUZZ
@@ -132,11 +155,17 @@ def multipart_bodies(draw) -> tuple[str, bytes]:
     boundary = draw(token.filter(bool))
     declared = draw(st.sampled_from((boundary, boundary, f'"{boundary}"', "", "other")))
     newline = draw(st.sampled_from((b"\r\n", b"\r\n", b"\n")))
-    content_type = draw(st.sampled_from((
-        f"multipart/form-data; boundary={declared}", "multipart/form-data",
-        f"multipart/mixed; boundary={declared}", "application/octet-stream",
-        f"multipart/form-data; boundary={declared}; charset=utf-8",
-    )))  # fmt: skip
+    content_type = draw(
+        st.sampled_from(
+            (
+                f"multipart/form-data; boundary={declared}",
+                "multipart/form-data",
+                f"multipart/mixed; boundary={declared}",
+                "application/octet-stream",
+                f"multipart/form-data; boundary={declared}; charset=utf-8",
+            )
+        )
+    )
     body = b""
     for _ in range(draw(st.integers(0, 4))):
         name = draw(st.sampled_from(("file", "files", "", "x", 'fi"le', "file\x00")))
@@ -147,18 +176,24 @@ def multipart_bodies(draw) -> tuple[str, bytes]:
         if draw(st.booleans()):
             headers.append(f"Content-Type: {draw(st.sampled_from(sorted(MIME.values())))}")
         if draw(st.booleans()):
-            headers.append(f"{draw(st.text('Xab-', min_size=1, max_size=8))}: "
-                           f"{draw(st.text(max_size=40))}")  # fmt: skip
-        payload = draw(st.one_of(
-            st.sampled_from(list(SEEDS.values())),
-            st.sampled_from(list(SEEDS.values())).map(lambda b: b[: len(b) // 2]),
-            st.binary(max_size=512),
-        ))  # fmt: skip
+            headers.append(
+                f"{draw(st.text('Xab-', min_size=1, max_size=8))}: {draw(st.text(max_size=40))}"
+            )
+        payload = draw(
+            st.one_of(
+                st.sampled_from(list(SEEDS.values())),
+                st.sampled_from(list(SEEDS.values())).map(lambda b: b[: len(b) // 2]),
+                st.binary(max_size=512),
+            )
+        )
         encoded = [h.encode("utf-8", "surrogatepass") for h in headers]
         body += b"--" + boundary.encode() + newline + newline.join(encoded) + newline + newline
         body += payload + newline
-    body += draw(st.sampled_from((b"--" + boundary.encode() + b"--" + newline, b"",
-                                  b"--" + boundary.encode())))  # fmt: skip
+    body += draw(
+        st.sampled_from(
+            (b"--" + boundary.encode() + b"--" + newline, b"", b"--" + boundary.encode())
+        )
+    )
     return content_type, body
 
 
@@ -166,8 +201,9 @@ def multipart_bodies(draw) -> tuple[str, bytes]:
 @given(multipart_bodies(), st.sampled_from(("/v1/classify", "/v1/classify/batch")))
 def test_random_multipart_bodies_get_a_documented_answer(client, request_body, path):
     content_type, body = request_body
-    response = client.post(path, params={"flip": "false"}, content=body,
-                           headers={"Content-Type": content_type})  # fmt: skip
+    response = client.post(
+        path, params={"flip": "false"}, content=body, headers={"Content-Type": content_type}
+    )
     assert_documented(response)
 
 
@@ -250,5 +286,7 @@ def test_server_is_whole_after_the_fuzzing(server, client):
     grown_mb = (now.rss_bytes - server.baseline.rss_bytes) / 2**20
     assert grown_mb < MAX_RSS_GROWTH_MB, f"RSS grew by {grown_mb:.0f} MB"
     assert now.open_fds <= server.baseline.open_fds + 5, (server.baseline, now)
-    print(f"fuzz: {dict(sorted(STATUSES.items()))}; RSS {grown_mb:+.0f} MB, open files "
-          f"{server.baseline.open_fds} -> {now.open_fds}")  # fmt: skip
+    print(
+        f"fuzz: {dict(sorted(STATUSES.items()))}; RSS {grown_mb:+.0f} MB, open files "
+        f"{server.baseline.open_fds} -> {now.open_fds}"
+    )

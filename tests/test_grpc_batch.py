@@ -23,8 +23,11 @@ from .test_triton_launcher import free_ports, start_triton, triton_server  # noq
 
 SCALES = "64,96,128"
 IMAGES = 40  # the CI size; the 200-image check is the same code (see the report)
-UNREADABLE = {"empty.png": "the file is empty", "truncated.jpg": "truncated",
-              "text.png": "not an image"}  # fmt: skip
+UNREADABLE = {
+    "empty.png": "the file is empty",
+    "truncated.jpg": "truncated",
+    "text.png": "not an image",
+}
 KEYS = {"path", "predictions", "per_model", "scales", "models"}
 
 
@@ -56,15 +59,21 @@ def image_folder(tmp_path_factory) -> Path:
 def run_client(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "clients" / "grpc_batch.py"), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def start_client(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(ROOT / "clients" / "grpc_batch.py"), *args],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def load(path: Path) -> dict[str, dict]:
@@ -94,13 +103,29 @@ def assert_same_results(actual: dict[str, dict], expected: dict[str, dict]) -> N
         for mine, theirs in pairs:
             assert [p["index"] for p in mine] == [p["index"] for p in theirs], path
             assert [p["label"] for p in mine] == [p["label"] for p in theirs], path
-            np.testing.assert_allclose([p["probability"] for p in mine],
-                                       [p["probability"] for p in theirs], rtol=0, atol=1e-6)  # fmt: skip
+            np.testing.assert_allclose(
+                [p["probability"] for p in mine],
+                [p["probability"] for p in theirs],
+                rtol=0,
+                atol=1e-6,
+            )
 
 
 def job_args(folder: Path, url: str, repository: Path, out: Path, *extra: str) -> list[str]:
-    return [str(folder), "--url", url, "--repository", str(repository), "--models", "m16,m19",
-            "--scales", SCALES, "--out", str(out), *extra]  # fmt: skip
+    return [
+        str(folder),
+        "--url",
+        url,
+        "--repository",
+        str(repository),
+        "--models",
+        "m16,m19",
+        "--scales",
+        SCALES,
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +138,9 @@ def uninterrupted(triton_server, two_model_repository, image_folder, tmp_path_fa
     return load(out), load(out.with_name("results.errors.jsonl")), result.stderr
 
 
-def test_every_image_once_with_the_in_process_results(uninterrupted, image_folder,
-                                                      two_model_repository):  # fmt: skip
+def test_every_image_once_with_the_in_process_results(
+    uninterrupted, image_folder, two_model_repository
+):
     results, errors, stderr = uninterrupted
     images = sorted(str(p) for p in image_folder.rglob("*") if p.suffix != ".txt" and p.is_file())
     assert len(images) == IMAGES + len(UNREADABLE)
@@ -180,14 +206,16 @@ def test_killed_halfway_and_resumed_gives_the_uninterrupted_result_set(
     assert_same_results(load(out), results)
 
 
-def test_triton_killed_mid_run_the_job_still_completes(two_model_repository, image_folder,
-                                                       uninterrupted, tmp_path):  # fmt: skip
+def test_triton_killed_mid_run_the_job_still_completes(
+    two_model_repository, image_folder, uninterrupted, tmp_path
+):
     repository, _ = two_model_repository
     server = start_triton(repository)
     out = tmp_path / "results.jsonl"
     try:
-        client = start_client(*job_args(image_folder, server.grpc_url, repository, out,
-                                         "--concurrency", "8"))  # fmt: skip
+        client = start_client(
+            *job_args(image_folder, server.grpc_url, repository, out, "--concurrency", "8")
+        )
         while count_lines(out) < 10:
             assert client.poll() is None, "the client finished before Triton could be killed"
             time.sleep(0.01)
@@ -205,34 +233,47 @@ def test_triton_killed_mid_run_the_job_still_completes(two_model_repository, ima
     assert_same_results(load(out), results)
 
 
-def test_triton_down_stops_early_then_resume_finishes(triton_server, two_model_repository,  # noqa: F811
-                                                      image_folder, uninterrupted, tmp_path):  # fmt: skip
+def test_triton_down_stops_early_then_resume_finishes(
+    triton_server,  # noqa: F811
+    two_model_repository,  # noqa: F811
+    image_folder,
+    uninterrupted,
+    tmp_path,
+):
     repository, _ = two_model_repository
     out = tmp_path / "results.jsonl"
     (port,) = free_ports(1)
-    down = run_client(*job_args(image_folder, f"127.0.0.1:{port}", repository, out,
-                                "--retries", "1"))  # fmt: skip
+    down = run_client(
+        *job_args(image_folder, f"127.0.0.1:{port}", repository, out, "--retries", "1")
+    )
     assert down.returncode == 75, down.stderr
     assert f"Triton at 127.0.0.1:{port} is unreachable" in down.stderr
     assert "--resume" in down.stderr
     assert count_lines(out) == 0
 
-    done = run_client(*job_args(image_folder, triton_server.grpc_url, repository, out,
-                                "--resume"))  # fmt: skip
+    done = run_client(*job_args(image_folder, triton_server.grpc_url, repository, out, "--resume"))
     assert done.returncode == 0, done.stderr
     results, errors, _ = uninterrupted
     assert_same_results(load(out), results)
     assert load(tmp_path / "results.errors.jsonl") == errors
 
 
-def test_shards_split_the_job_without_overlap(triton_server, two_model_repository, image_folder,  # noqa: F811
-                                              uninterrupted, tmp_path):  # fmt: skip
+def test_shards_split_the_job_without_overlap(
+    triton_server,  # noqa: F811
+    two_model_repository,
+    image_folder,  # noqa: F811
+    uninterrupted,
+    tmp_path,
+):
     repository, _ = two_model_repository
     parts = []
     for index in range(2):
         out = tmp_path / f"part{index}.jsonl"
-        result = run_client(*job_args(image_folder, triton_server.grpc_url, repository, out,
-                                      "--shard", f"{index}/2"))  # fmt: skip
+        result = run_client(
+            *job_args(
+                image_folder, triton_server.grpc_url, repository, out, "--shard", f"{index}/2"
+            )
+        )
         assert result.returncode == 0, result.stderr
         parts.append({**load(out), **load(tmp_path / f"part{index}.errors.jsonl")})
     assert parts[0] and parts[1] and not set(parts[0]) & set(parts[1])
@@ -242,16 +283,32 @@ def test_shards_split_the_job_without_overlap(triton_server, two_model_repositor
     assert_same_results({p: r for part in parts for p, r in part.items() if p in results}, results)
 
 
-def test_shared_memory_gives_the_same_results(triton_server, two_model_repository, image_folder,  # noqa: F811
-                                              uninterrupted, tmp_path):  # fmt: skip
+def test_shared_memory_gives_the_same_results(
+    triton_server,  # noqa: F811
+    two_model_repository,
+    image_folder,  # noqa: F811
+    uninterrupted,
+    tmp_path,
+):
     repository, _ = two_model_repository
     results, _, _ = uninterrupted
     chosen = sorted(results)[:10]
     listing = tmp_path / "list.txt"
     listing.write_text("".join(f"{p}\n" for p in chosen))
     out = tmp_path / "results.jsonl"
-    result = run_client("--list", str(listing), "--url", triton_server.grpc_url, "--repository",
-                        str(repository), "--scales", SCALES, "--out", str(out), "--shm")  # fmt: skip
+    result = run_client(
+        "--list",
+        str(listing),
+        "--url",
+        triton_server.grpc_url,
+        "--repository",
+        str(repository),
+        "--scales",
+        SCALES,
+        "--out",
+        str(out),
+        "--shm",
+    )
     assert result.returncode == 0, result.stderr
     assert_same_results(load(out), {p: results[p] for p in chosen})
 

@@ -18,7 +18,7 @@ from export import quantize, to_onnx
 from export.graph import ServingGraph
 from inference import Classifier, ClassifyOptions, decode_image, read_repository
 from inference.backends.onnxruntime import OnnxRuntimeBackend
-from inference.protocol import dense_batch
+from inference.protocol import dense_batch, serving_scales
 from tritonlocal.twin import twin_config
 from vgg.convert import to_fully_conv
 from vgg.models import IMAGENET_MEAN, IMAGENET_STD
@@ -26,8 +26,14 @@ from vgg.models import IMAGENET_MEAN, IMAGENET_STD
 from .conftest import SMALL, peaked_small_model
 from .images import encode, jpeg, smooth_image
 
-SMALL_FLAGS = ["--width", str(SMALL["width"]), "--fc-width", str(SMALL["fc_width"]),
-               "--crop", str(SMALL["crop"])]  # fmt: skip
+SMALL_FLAGS = [
+    "--width",
+    str(SMALL["width"]),
+    "--fc-width",
+    str(SMALL["fc_width"]),
+    "--crop",
+    str(SMALL["crop"]),
+]
 SCALES = (64, 96)
 
 
@@ -97,8 +103,16 @@ def calibration_dir(tmp_path_factory):
 
 
 def export_args(weights, repo, *extra: str) -> list[str]:
-    return ["--arch", "vgg16", "--weights", str(weights), "--repository", str(repo),
-            *SMALL_FLAGS, *extra]  # fmt: skip
+    return [
+        "--arch",
+        "vgg16",
+        "--weights",
+        str(weights),
+        "--repository",
+        str(repo),
+        *SMALL_FLAGS,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +120,16 @@ def exported(weights_path, calibration_dir, tmp_path_factory):
     """A repository with the small VGG-16 in fp32 ("small") and int8 (default name)."""
     repo = tmp_path_factory.mktemp("int8-repo")
     assert to_onnx.main(export_args(weights_path, repo, "--name", "small")) == 0
-    int8 = ["--precision", "int8", "--calibration", str(calibration_dir),
-            "--calibration-images", "16", "--calibration-scales", ",".join(map(str, SCALES))]  # fmt: skip
+    int8 = [
+        "--precision",
+        "int8",
+        "--calibration",
+        str(calibration_dir),
+        "--calibration-images",
+        "16",
+        "--calibration-scales",
+        ",".join(map(str, SCALES)),
+    ]
     assert to_onnx.main(export_args(weights_path, repo, *int8)) == 0
     return repo
 
@@ -191,16 +213,13 @@ def test_images_are_spread_over_classes_and_held_out(calibration_dir):
 
 
 def test_default_scales_are_the_serving_scales():
-    assert quantize.default_scales(224) == (256, 384, 512)
-    assert quantize.default_scales(64) == (64, 96, 128)
+    assert serving_scales(224) == (256, 384, 512)
+    assert serving_scales(64) == (64, 96, 128)
 
 
 @pytest.mark.parametrize(
     "make_folder, message",
-    [
-        (lambda root: root / "missing", "does not exist"),
-        (lambda root: root, "holds no images"),
-    ],
+    [(lambda root: root / "missing", "does not exist"), (lambda root: root, "holds no images")],
     ids=["missing", "empty"],
 )
 def test_bad_calibration_folder_is_one_clear_line(
@@ -224,8 +243,16 @@ def test_corrupt_calibration_image_is_named(weights_path, tmp_path, capsys):
     broken = folder / "class0" / "broken.jpg"
     broken.write_bytes(jpeg(seed=1)[:200])
     repo = tmp_path / "repo"
-    args = export_args(weights_path, repo, "--precision", "int8", "--calibration", str(folder),
-                       "--calibration-scales", "64")  # fmt: skip
+    args = export_args(
+        weights_path,
+        repo,
+        "--precision",
+        "int8",
+        "--calibration",
+        str(folder),
+        "--calibration-scales",
+        "64",
+    )
     assert to_onnx.main(args) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"error: cannot use calibration image {broken}: ")
@@ -237,9 +264,20 @@ def test_int8_too_far_from_fp32_writes_nothing(
 ):
     monkeypatch.setattr(quantize, "MAX_PROB_DIFF", 0.0)  # no int8 graph is that exact
     repo = tmp_path / "repo"
-    args = export_args(weights_path, repo, "--precision", "int8", "--calibration",
-                       str(calibration_dir), "--calibration-images", "4", "--verify-images", "2",
-                       "--calibration-scales", "64")  # fmt: skip
+    args = export_args(
+        weights_path,
+        repo,
+        "--precision",
+        "int8",
+        "--calibration",
+        str(calibration_dir),
+        "--calibration-images",
+        "4",
+        "--verify-images",
+        "2",
+        "--calibration-scales",
+        "64",
+    )
     assert to_onnx.main(args) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: int8 disagrees with fp32 on 2 held-out images")
@@ -256,7 +294,7 @@ def test_int8_too_far_from_fp32_writes_nothing(
             ["--precision", "int8", "--calibration", "x", "--calibration-scales", "64,a"],
             "--calibration-scales: scales '64,a'",
         ),
-    ],  # fmt: skip
+    ],
     ids=["no-folder", "not-int8", "bad-scales"],
 )
 def test_bad_int8_flags(weights_path, tmp_path, capsys, flags, message):
@@ -269,8 +307,16 @@ def test_bad_int8_flags(weights_path, tmp_path, capsys, flags, message):
 def test_scales_below_the_input_minimum_are_refused(
     weights_path, calibration_dir, tmp_path, capsys
 ):
-    args = export_args(weights_path, tmp_path / "repo", "--precision", "int8", "--calibration",
-                       str(calibration_dir), "--calibration-scales", "32,64")  # fmt: skip
+    args = export_args(
+        weights_path,
+        tmp_path / "repo",
+        "--precision",
+        "int8",
+        "--calibration",
+        str(calibration_dir),
+        "--calibration-scales",
+        "32,64",
+    )
     assert to_onnx.main(args) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == (

@@ -30,10 +30,27 @@ def test_smoke_load_run_has_no_failed_request(two_model_repository, tmp_path):
     repository, _ = two_model_repository
     out = tmp_path / "results"
     result = subprocess.run(
-        ["loadtest/run.sh", "--repository", str(repository), "--scales", SCALES,
-         "--duration", "20s", "--users", "6", "--spawn-rate", "6", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env=SCRIPT_ENV,
-    )  # fmt: skip
+        [
+            "loadtest/run.sh",
+            "--repository",
+            str(repository),
+            "--scales",
+            SCALES,
+            "--duration",
+            "20s",
+            "--users",
+            "6",
+            "--spawn-rate",
+            "6",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=SCRIPT_ENV,
+    )
     report = result.stdout + result.stderr
     assert result.returncode == 0, report
     summary = json.loads((out / "summary.json").read_text())
@@ -46,8 +63,12 @@ def test_smoke_load_run_has_no_failed_request(two_model_repository, tmp_path):
     # The figures a user reads: p50/p95/p99, requests/s and failures, and Locust's own CSVs.
     assert "p50 ms" in result.stdout and "p95 ms" in result.stdout and "p99 ms" in result.stdout
     assert "req/s" in result.stdout and "PASSED (0 failed requests)" in result.stdout
-    for name in ("locust_stats.csv", "locust_stats_history.csv", "locust_failures.csv",
-                 "resources.csv"):  # fmt: skip
+    for name in (
+        "locust_stats.csv",
+        "locust_stats_history.csv",
+        "locust_failures.csv",
+        "resources.csv",
+    ):
         assert (out / name).stat().st_size > 0, name
     assert "frontend: RSS" in result.stdout
 
@@ -56,13 +77,35 @@ def test_run_fails_when_requests_fail(two_model_repository, tmp_path):
     """A server that refuses every classification (bad scales for its models) fails the run."""
     repository, _ = two_model_repository
     out = tmp_path / "results"
-    with FrontEnd("--repository", str(repository), "--scales", SCALES, "--max-upload-mb",
-                  "0.01", log_dir=tmp_path) as front:  # fmt: skip
+    with FrontEnd(
+        "--repository",
+        str(repository),
+        "--scales",
+        SCALES,
+        "--max-upload-mb",
+        "0.01",
+        log_dir=tmp_path,
+    ) as front:
         result = subprocess.run(
-            ["loadtest/run.sh", "--host", front.url, "--duration", "4s", "--users", "2",
-             "--spawn-rate", "2", "--out", str(out)],
-            cwd=ROOT, capture_output=True, text=True, timeout=60, env=SCRIPT_ENV,
-        )  # fmt: skip
+            [
+                "loadtest/run.sh",
+                "--host",
+                front.url,
+                "--duration",
+                "4s",
+                "--users",
+                "2",
+                "--spawn-rate",
+                "2",
+                "--out",
+                str(out),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=SCRIPT_ENV,
+        )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "413" in result.stdout and "FAILED" in result.stdout
 
@@ -97,8 +140,9 @@ def test_every_plan_of_the_mix_is_answered_correctly(server):
 
 def test_checks_catch_wrong_answers(server):
     upload = build_image_set()[0]
-    plan = Plan({"heatmap": "true", "top_k": "3"}, 3, (64, 96, 128), True, ("m16", "m19"),
-                "dense", True)  # fmt: skip
+    plan = Plan(
+        {"heatmap": "true", "top_k": "3"}, 3, (64, 96, 128), True, ("m16", "m19"), "dense", True
+    )
     body = classify(server.url, upload, plan)
     expected = plan.expected(upload)
     assert check_classification(body, expected) == []

@@ -37,10 +37,16 @@ def classify(classifier, image, **options):
 
 @pytest.mark.parametrize(
     "width, height, q, expected",
-    [(640, 480, 256, (341, 256)), (480, 640, 256, (256, 341)), (500, 333, 384, (577, 384)),
-     (3, 2, 3, (5, 3)), (1, 1, 256, (256, 256)), (100, 100, 512, (512, 512)),
-     (1000, 999, 256, (256, 256))],
-)  # fmt: skip
+    [
+        (640, 480, 256, (341, 256)),
+        (480, 640, 256, (256, 341)),
+        (500, 333, 384, (577, 384)),
+        (3, 2, 3, (5, 3)),
+        (1, 1, 256, (256, 256)),
+        (100, 100, 512, (512, 512)),
+        (1000, 999, 256, (256, 256)),
+    ],
+)
 def test_rescaled_size_rounds_half_up(width, height, q, expected):
     # floor(1000 * 256 / 999 + 0.5) = floor(256.756...) = 256 ; floor(4.5 + 0.5) = 5
     assert rescaled_size(width, height, q) == expected
@@ -146,10 +152,16 @@ def test_top_k_breaks_ties_by_index():
 
 @pytest.mark.parametrize(
     "options, parameter",
-    [({"scales": (32,)}, "scales"), ({"scales": (2048,)}, "scales"),
-     ({"scales": (256, 256)}, "scales"), ({"models": ("nope",)}, "models"),
-     ({"top_k": 0}, "top_k"), ({"top_k": 11}, "top_k"), ({"mode": "sparse"}, "mode")],
-)  # fmt: skip
+    [
+        ({"scales": (32,)}, "scales"),
+        ({"scales": (2048,)}, "scales"),
+        ({"scales": (256, 256)}, "scales"),
+        ({"models": ("nope",)}, "models"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": 11}, "top_k"),
+        ({"mode": "sparse"}, "mode"),
+    ],
+)
 def test_bad_options_name_the_parameter(classifier, options, parameter):
     with pytest.raises(OptionError) as info:
         classify(classifier, random_image(100, 100, 0), **options)

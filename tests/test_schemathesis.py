@@ -40,8 +40,16 @@ def api_server(two_model_repository, tmp_path_factory):
     repository, _ = two_model_repository
     log_dir = tmp_path_factory.mktemp("schemathesis-logs")
     # Small upload and pixel limits, so generated bodies can reach them cheaply.
-    args = ["--repository", str(repository), "--scales", "64,96,128", "--max-upload-mb", "2",
-            "--max-pixels", "4000000"]  # fmt: skip
+    args = [
+        "--repository",
+        str(repository),
+        "--scales",
+        "64,96,128",
+        "--max-upload-mb",
+        "2",
+        "--max-pixels",
+        "4000000",
+    ]
     with FrontEnd(*args, log_dir=log_dir) as front:
         front.rss_at_start = sample_resources(front.pid).rss_bytes
         yield front
@@ -165,6 +173,8 @@ def test_server_survived_the_run_with_bounded_memory(api_server):
     assert len(errors & {"400", "413", "415", "422"}) >= 2, STATUSES
     assert "vggserve_in_flight_requests 0.0" in metrics  # nothing left hanging
     growth_mb = (sample_resources(api_server.pid).rss_bytes - api_server.rss_at_start) / 2**20
-    print(f"Schemathesis: {sum(STATUSES.values())} requests, statuses "
-          f"{dict(sorted(STATUSES.items()))}; RSS {growth_mb:+.0f} MB")  # fmt: skip
+    print(
+        f"Schemathesis: {sum(STATUSES.values())} requests, statuses "
+        f"{dict(sorted(STATUSES.items()))}; RSS {growth_mb:+.0f} MB"
+    )
     assert growth_mb < MAX_RSS_GROWTH_MB, f"RSS grew by {growth_mb:.0f} MB"

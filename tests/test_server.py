@@ -18,8 +18,16 @@ from .server_process import ServerProcess, run_server_cli
 
 TOLERANCE = 1e-5
 PREDICTION_KEYS = {"index", "label", "probability"}
-RESPONSE_KEYS = {"predictions", "per_model", "scales", "flip", "models", "mode", "image",
-                 "timing_ms"}  # fmt: skip
+RESPONSE_KEYS = {
+    "predictions",
+    "per_model",
+    "scales",
+    "flip",
+    "models",
+    "mode",
+    "image",
+    "timing_ms",
+}
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +180,7 @@ def test_models_endpoint(client):
         "arch": "vgg16",
         "classes": 10,
         "min_size": 64,
+        "scales": [256, 384, 512],  # written into its config.pbtxt by the exporter
         "preprocessing": {
             "mean": [0.485, 0.456, 0.406],
             "std": [0.229, 0.224, 0.225],
@@ -221,8 +230,9 @@ def test_metrics_count_requests_stages_and_load(client):
     for stage in ("decode", "preprocess", "inference", "total"):
         assert delta("vggserve_stage_duration_seconds_count", stage=stage) == 1
         assert metric(after, "vggserve_stage_duration_seconds_bucket", stage=stage, le="+Inf") >= 1
-    assert metric(after, "vggserve_http_request_duration_seconds_count",
-                  endpoint="/v1/classify") >= 2  # fmt: skip
+    assert (
+        metric(after, "vggserve_http_request_duration_seconds_count", endpoint="/v1/classify") >= 2
+    )
     assert "vggserve_in_flight_requests 0.0" in after
     assert "vggserve_waiting_requests 0.0" in after
     assert "vggserve_rejected_requests_total 0.0" in after
@@ -236,7 +246,13 @@ def test_openapi_documents_the_api(client):
     )
     classify_op = spec["paths"]["/v1/classify"]["post"]
     assert {p["name"] for p in classify_op["parameters"]} == {
-        "top_k", "scales", "flip", "models", "heatmap", "mode"}  # fmt: skip
+        "top_k",
+        "scales",
+        "flip",
+        "models",
+        "heatmap",
+        "mode",
+    }
     assert {"200", "413", "415", "422", "429", "503"} <= set(classify_op["responses"])
 
 
@@ -258,9 +274,20 @@ def test_web_page_is_served_self_contained(client):
 def test_help_documents_every_flag():
     result = run_server_cli("--help")
     assert result.returncode == 0
-    for flag in ("--repository", "--models", "--backend", "--triton-url", "--host", "--port",
-                 "--scales", "--max-upload-mb", "--max-pixels", "--max-concurrency",
-                 "--max-queue", "--threads"):  # fmt: skip
+    for flag in (
+        "--repository",
+        "--models",
+        "--backend",
+        "--triton-url",
+        "--host",
+        "--port",
+        "--scales",
+        "--max-upload-mb",
+        "--max-pixels",
+        "--max-concurrency",
+        "--max-queue",
+        "--threads",
+    ):
         assert flag in result.stdout
     assert "127.0.0.1:8001" in result.stdout and "8080" in result.stdout
 

@@ -44,8 +44,20 @@ def logs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(two_model_repository, logs):
     repo, _ = two_model_repository
-    args = ["--repository", str(repo), "--max-upload-mb", str(LIMIT_MB), "--max-pixels",
-            str(MAX_PIXELS), "--max-concurrency", "1", "--max-queue", "1", "--scales", "64,96"]  # fmt: skip
+    args = [
+        "--repository",
+        str(repo),
+        "--max-upload-mb",
+        str(LIMIT_MB),
+        "--max-pixels",
+        str(MAX_PIXELS),
+        "--max-concurrency",
+        "1",
+        "--max-queue",
+        "1",
+        "--scales",
+        "64,96",
+    ]
     with ServerProcess(*args, log_dir=logs) as s:
         yield s
 
@@ -56,8 +68,9 @@ def client(server):
         yield c
 
 
-def post(client: httpx.Client, data: bytes, name: str = "upload.jpg", ctype: str = "image/jpeg",
-         **params):  # fmt: skip
+def post(
+    client: httpx.Client, data: bytes, name: str = "upload.jpg", ctype: str = "image/jpeg", **params
+):
     return client.post("/v1/classify", params=params, files={"file": (name, data, ctype)})
 
 
@@ -81,8 +94,9 @@ def test_no_file_field(client):
 
 
 def test_not_multipart_at_all(client):
-    response = client.post("/v1/classify", content=b'{"file": "cat.jpg"}',
-                           headers={"content-type": "application/json"})  # fmt: skip
+    response = client.post(
+        "/v1/classify", content=b'{"file": "cat.jpg"}', headers={"content-type": "application/json"}
+    )
     assert_error(response, 400, "multipart/form-data field 'file'")
 
 
@@ -100,11 +114,13 @@ def test_empty_file(client):
 
 @pytest.mark.parametrize(
     "name, data, ctype",
-    [("notes.txt", b"hello, this is text\n" * 20, "text/plain"),
-     ("noise.jpg", np.random.default_rng(0).bytes(4096), "image/jpeg"),
-     ("paper.pdf", minimal_pdf(), "application/pdf")],
+    [
+        ("notes.txt", b"hello, this is text\n" * 20, "text/plain"),
+        ("noise.jpg", np.random.default_rng(0).bytes(4096), "image/jpeg"),
+        ("paper.pdf", minimal_pdf(), "application/pdf"),
+    ],
     ids=["text", "random-bytes", "pdf"],
-)  # fmt: skip
+)
 def test_not_an_image(client, name, data, ctype):
     assert_error(post(client, data, name=name, ctype=ctype), 415, "not an image", "JPEG, PNG")
 
@@ -186,15 +202,18 @@ def _length(data: bytes) -> int:
     return 0
 
 
-MULTIPART_HEAD = (b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="huge.jpg"\r\n'
-                  b"Content-Type: image/jpeg\r\n\r\n")  # fmt: skip
+MULTIPART_HEAD = (
+    b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="huge.jpg"\r\n'
+    b"Content-Type: image/jpeg\r\n\r\n"
+)
 
 
 def test_declared_oversize_body_is_refused_before_it_is_sent(server):
     """Content-Length says 50 MB; only 64 KB are ever sent, and 413 comes back at once."""
-    sock = open_request(server.port, {
-        "Content-Type": "multipart/form-data; boundary=XyZ",
-        "Content-Length": str(50 * 2**20)})  # fmt: skip
+    sock = open_request(
+        server.port,
+        {"Content-Type": "multipart/form-data; boundary=XyZ", "Content-Length": str(50 * 2**20)},
+    )
     with sock:
         sock.sendall(MULTIPART_HEAD + bytes(65536))
         started = time.monotonic()
@@ -206,9 +225,10 @@ def test_declared_oversize_body_is_refused_before_it_is_sent(server):
 def test_streamed_body_is_refused_as_soon_as_it_passes_the_limit(server):
     """Chunked upload without a length: the server counts bytes as they arrive and answers
     413 after about 1 MB, while the body is still unfinished (no final chunk is ever sent)."""
-    sock = open_request(server.port, {
-        "Content-Type": "multipart/form-data; boundary=XyZ",
-        "Transfer-Encoding": "chunked"})  # fmt: skip
+    sock = open_request(
+        server.port,
+        {"Content-Type": "multipart/form-data; boundary=XyZ", "Transfer-Encoding": "chunked"},
+    )
     sent = 0
     with sock:
         pieces = [MULTIPART_HEAD] + [bytes(65536)] * 64  # 4 MB offered in all
@@ -229,18 +249,20 @@ def test_streamed_body_is_refused_as_soon_as_it_passes_the_limit(server):
 
 @pytest.mark.parametrize(
     "params, needles",
-    [({"scales": "32"}, ["scales:", "Q=32", "64"]),
-     ({"scales": "64,,96"}, ["scales:", "comma-separated"]),
-     ({"scales": "64;96"}, ["scales:", "comma-separated"]),
-     ({"models": "m16,vgg99"}, ["models:", "unknown model vgg99", "m16, m19"]),
-     ({"models": ","}, ["models:", "comma-separated"]),
-     ({"top_k": "0"}, ["top_k:", "between 1 and 10"]),
-     ({"top_k": "11"}, ["top_k:", "between 1 and 10"]),
-     ({"top_k": "five"}, ["top_k:", "integer"]),
-     ({"mode": "sparse"}, ["mode:", "'dense', 'multicrop' or 'both'"]),
-     ({"flip": "sometimes"}, ["flip:", "boolean"])],
+    [
+        ({"scales": "32"}, ["scales:", "Q=32", "64"]),
+        ({"scales": "64,,96"}, ["scales:", "comma-separated"]),
+        ({"scales": "64;96"}, ["scales:", "comma-separated"]),
+        ({"models": "m16,vgg99"}, ["models:", "unknown model vgg99", "m16, m19"]),
+        ({"models": ","}, ["models:", "comma-separated"]),
+        ({"top_k": "0"}, ["top_k:", "between 1 and 10"]),
+        ({"top_k": "11"}, ["top_k:", "between 1 and 10"]),
+        ({"top_k": "five"}, ["top_k:", "integer"]),
+        ({"mode": "sparse"}, ["mode:", "'dense', 'multicrop' or 'both'"]),
+        ({"flip": "sometimes"}, ["flip:", "boolean"]),
+    ],
     ids=lambda v: "-".join(v) if isinstance(v, dict) else None,
-)  # fmt: skip
+)
 def test_bad_parameter_is_named(client, params, needles):
     assert_error(post(client, jpeg(96, 96), **params), 422, *needles)
 
@@ -329,23 +351,32 @@ def broken_repository(root) -> None:
     x = helper.make_tensor_value_info("x", TensorProto.UINT8, ["N", 3, "H", "W"])
     probs = helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 10])
     weights = helper.make_tensor("w", TensorProto.FLOAT, [3, 10], [1.0] * 30)
-    nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
-             helper.make_node("GlobalAveragePool", ["xf"], ["pooled"]),
-             helper.make_node("Flatten", ["pooled"], ["flat"]),
-             helper.make_node("MatMul", ["flat", "w"], ["logits"]),
-             helper.make_node("Softmax", ["logits"], ["probs"], axis=1)]  # fmt: skip
+    nodes = [
+        helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+        helper.make_node("GlobalAveragePool", ["xf"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+    ]
     graph = helper.make_graph(nodes, "broken", [x], [probs], initializer=[weights])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(model)
-    info = ModelInfo(name="broken", num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2),
-                     min_size=64, arch="vgg16")  # fmt: skip
+    info = ModelInfo(
+        name="broken",
+        num_classes=10,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.2, 0.2, 0.2),
+        min_size=64,
+        arch="vgg16",
+    )
     write_model(root, info, 1, model.SerializeToString(), [f"c{i}" for i in range(10)])
 
 
 def test_unexpected_failure_is_a_logged_json_500(tmp_path, logs):
     broken_repository(tmp_path / "repo")
-    with ServerProcess("--repository", str(tmp_path / "repo"), "--scales", "64",
-                       log_dir=logs) as server:  # fmt: skip
+    with ServerProcess(
+        "--repository", str(tmp_path / "repo"), "--scales", "64", log_dir=logs
+    ) as server:
         with httpx.Client(base_url=server.url, timeout=30) as client:
             response = post(client, jpeg(96, 96))
             assert_error(response, 500, "internal server error", "bug in vggserve", "logged")

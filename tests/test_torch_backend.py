@@ -78,8 +78,19 @@ def other_exports(tmp_path_factory):
         torch.save(
             build(arch, width=0.125, fc_width=64, crop=64, num_classes=5).state_dict(), weights
         )
-        args = ["--arch", arch, "--weights", str(weights), "--name", name, "--repository",
-                str(root / "repo"), "--precision", precision, *small]  # fmt: skip
+        args = [
+            "--arch",
+            arch,
+            "--weights",
+            str(weights),
+            "--name",
+            name,
+            "--repository",
+            str(root / "repo"),
+            "--precision",
+            precision,
+            *small,
+        ]
         assert to_onnx.main(args) == 0
     return root / "repo"
 
@@ -211,8 +222,14 @@ def int8_graph(entries, tmp_path_factory) -> tuple:
             return next(self.batches, None)
 
     path = tmp_path_factory.mktemp("int8") / "model.onnx"
-    quantize_static(str(entries["m16"].onnx_path), str(path), Calibration(),
-                    quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8)  # fmt: skip
+    quantize_static(
+        str(entries["m16"].onnx_path),
+        str(path),
+        Calibration(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+    )
     return path
 
 
@@ -292,8 +309,12 @@ def test_server_on_torch_answers_like_onnxruntime(two_model_repository, tmp_path
         extra = ["--torch-warmup", "320x240"] if backend == "torch" else []
         args = ["--repository", str(repo), "--backend", backend, *extra]
         with ServerProcess(*args, log_dir=tmp_path) as server:
-            response = httpx.post(f"{server.url}/v1/classify", params=params, timeout=60,
-                                  files={"file": ("i.jpg", data, "image/jpeg")})  # fmt: skip
+            response = httpx.post(
+                f"{server.url}/v1/classify",
+                params=params,
+                timeout=60,
+                files={"file": ("i.jpg", data, "image/jpeg")},
+            )
             assert response.status_code == 200, response.text
             bodies[backend] = response.json()
             models = httpx.get(f"{server.url}/v1/models", timeout=10).json()

@@ -190,8 +190,9 @@ def test_timeout_is_a_clear_unavailable(triton_server, models):  # noqa: F811
 
 
 @pytest.mark.parametrize("shared_memory", [False, True], ids=["grpc", "shm"])
-def test_kill_and_restart_same_backend_recovers(two_model_repository, models, reference,
-                                                shared_memory):  # fmt: skip
+def test_kill_and_restart_same_backend_recovers(
+    two_model_repository, models, reference, shared_memory
+):
     repository, _ = two_model_repository
     server = start_triton(repository)
     backend = TritonBackend(server.grpc_url, models, shared_memory=shared_memory)
@@ -232,8 +233,9 @@ def test_kill_and_restart_same_backend_recovers(two_model_repository, models, re
         server.close()
 
 
-def test_shared_memory_is_registered_again_after_an_unseen_restart(two_model_repository, models,
-                                                                   reference):  # fmt: skip
+def test_shared_memory_is_registered_again_after_an_unseen_restart(
+    two_model_repository, models, reference
+):
     repository, _ = two_model_repository
     server = start_triton(repository)
     backend = TritonBackend(server.grpc_url, models, shared_memory=True)
@@ -241,14 +243,16 @@ def test_shared_memory_is_registered_again_after_an_unseen_restart(two_model_rep
     expected = reference.run("m16", images)["probs"]
 
     async def run():
-        np.testing.assert_allclose((await backend.infer("m16", images))["probs"], expected,
-                                   rtol=0, atol=1e-6)  # fmt: skip
+        np.testing.assert_allclose(
+            (await backend.infer("m16", images))["probs"], expected, rtol=0, atol=1e-6
+        )
         # Triton restarts between two calls: the channel never saw an error, but the new server
         # knows none of our regions.
         server.kill()
         await asyncio.to_thread(server.start)
-        np.testing.assert_allclose((await backend.infer("m16", images))["probs"], expected,
-                                   rtol=0, atol=1e-6)  # fmt: skip
+        np.testing.assert_allclose(
+            (await backend.infer("m16", images))["probs"], expected, rtol=0, atol=1e-6
+        )
         status = await backend._channel().get_system_shared_memory_status()
         assert len(status.regions) == 1
 

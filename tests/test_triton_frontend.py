@@ -36,8 +36,9 @@ class FrontEnd:
 
     def __enter__(self) -> FrontEnd:
         with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(self.args, cwd=ROOT, stdout=log,
-                                            stderr=subprocess.STDOUT)  # fmt: skip
+            self.process = subprocess.Popen(
+                self.args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + 60
         while True:
             assert self.process.poll() is None, self.log_path.read_text()
@@ -94,9 +95,12 @@ def test_same_answers_as_the_embedded_backend(triton_server, two_model_repositor
                 pairs += [(got["per_model"][m], expected["per_model"][m]) for m in ("m16", "m19")]
                 for mine, theirs in pairs:
                     assert [p["index"] for p in mine] == [p["index"] for p in theirs]
-                    np.testing.assert_allclose([p["probability"] for p in mine],
-                                               [p["probability"] for p in theirs],
-                                               rtol=0, atol=1e-6)  # fmt: skip
+                    np.testing.assert_allclose(
+                        [p["probability"] for p in mine],
+                        [p["probability"] for p in theirs],
+                        rtol=0,
+                        atol=1e-6,
+                    )
 
 
 def wait_for(condition, what: str, timeout: float = 15) -> None:
@@ -106,14 +110,20 @@ def wait_for(condition, what: str, timeout: float = 15) -> None:
         time.sleep(0.2)
 
 
-def test_503_while_triton_is_down_then_success_without_restarting(two_model_repository,
-                                                                   tmp_path):  # fmt: skip
+def test_503_while_triton_is_down_then_success_without_restarting(two_model_repository, tmp_path):
     repository, _ = two_model_repository
     http, grpc, metrics = free_ports(3)
     triton = LocalTriton(repository, http, grpc, metrics)
     image = jpeg(4, 110, 100)
-    with FrontEnd("--repository", str(repository), "--backend", "triton", "--triton-url",
-                  f"127.0.0.1:{grpc}", log_dir=tmp_path) as front:  # fmt: skip
+    with FrontEnd(
+        "--repository",
+        str(repository),
+        "--backend",
+        "triton",
+        "--triton-url",
+        f"127.0.0.1:{grpc}",
+        log_dir=tmp_path,
+    ) as front:
         try:
             # Triton down at start: not ready, and a clear 503.
             ready = httpx.get(f"{front.url}/readyz")

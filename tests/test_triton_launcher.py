@@ -202,10 +202,24 @@ def test_command_line_serves_in_the_foreground_and_stops_on_ctrl_c(two_model_rep
     repository, _ = two_model_repository
     http, grpc, metrics = free_ports(3)
     process = subprocess.Popen(
-        [sys.executable, "-m", "tritonlocal", "--repository", str(repository), "--http-port",
-         str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tritonlocal",
+            "--repository",
+            str(repository),
+            "--http-port",
+            str(http),
+            "--grpc-port",
+            str(grpc),
+            "--metrics-port",
+            str(metrics),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         lines = []
         for line in process.stderr:
@@ -231,11 +245,25 @@ def test_command_line_serves_in_the_foreground_and_stops_on_ctrl_c(two_model_rep
 def test_command_line_explains_a_missing_repository(tmp_path):
     http, grpc, metrics = free_ports(3)
     result = subprocess.run(
-        [sys.executable, "-m", "tritonlocal", "--repository", str(tmp_path / "nope"),
-         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "tritonlocal",
+            "--repository",
+            str(tmp_path / "nope"),
+            "--http-port",
+            str(http),
+            "--grpc-port",
+            str(grpc),
+            "--metrics-port",
+            str(metrics),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+    )
     assert result.returncode == 1
     assert "does not exist" in result.stderr and "export/to_onnx.py" in result.stderr
     assert "Traceback" not in result.stderr

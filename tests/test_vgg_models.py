@@ -61,9 +61,16 @@ def test_paper_table_2_parameter_counts_in_millions():
 
 @pytest.mark.parametrize(
     "name, letter, bn",
-    [("vgg11", "A", False), ("vgg13_bn", "B", True), ("D", "D", False), ("a-lrn", "A-LRN", False),
-     ("vgg-c", "C", False), ("E", "E", False), ("vgg19_bn", "E", True)],
-)  # fmt: skip
+    [
+        ("vgg11", "A", False),
+        ("vgg13_bn", "B", True),
+        ("D", "D", False),
+        ("a-lrn", "A-LRN", False),
+        ("vgg-c", "C", False),
+        ("E", "E", False),
+        ("vgg19_bn", "E", True),
+    ],
+)
 def test_architecture_names(name, letter, bn):
     spec = resolve_arch(name)
     assert (spec.config, spec.batch_norm) == (letter, bn)

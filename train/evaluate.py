@@ -28,12 +28,7 @@ import torch
 from PIL import Image
 
 from export.graph import ServingGraph
-from inference.protocol import (
-    average_posteriors,
-    dense_batch,
-    multicrop_batch,
-    rescaled_size,
-)
+from inference.protocol import average_posteriors, dense_batch, multicrop_batch, rescaled_size
 from inference.protocol import parse_scales as parse_scale_list
 from train.data import Folder, load_rgb, scan_folder
 from vgg.checkpoint import load_weights

@@ -93,8 +93,12 @@ def prepare(cache: Path | None = None) -> ServerInstall:
         cache.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache))
         try:
-            shutil.copytree(server / "backends", staging / "backends", dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+            shutil.copytree(
+                server / "backends",
+                staging / "backends",
+                dirs_exist_ok=True,
+                ignore=shutil.ignore_patterns("__pycache__"),
+            )
             shutil.copy2(stub, staging / "backends" / "python" / "triton_python_backend_stub")
             prepared.parent.mkdir(parents=True, exist_ok=True)
             try:

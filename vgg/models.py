@@ -27,54 +27,15 @@ from torch import nn
 # with that many channels; ("1x1", n): a 1x1 conv (configuration C's last three stacks).
 Layer = int | str | tuple[str, int]
 
+# The configurations C and E repeat a stack: written once and unpacked, so each fits a line.
+_C_STACK = [512, 512, ("1x1", 512), "M"]
 CONFIGS: dict[str, list[Layer]] = {
     "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "A-LRN": [64, "LRN", "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "B": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "C": [
-        64,
-        64,
-        "M",
-        128,
-        128,
-        "M",
-        256,
-        256,
-        ("1x1", 256),
-        "M",
-        512,
-        512,
-        ("1x1", 512),
-        "M",
-        512,
-        512,
-        ("1x1", 512),
-        "M",
-    ],  # fmt: skip
+    "C": [64, 64, "M", 128, 128, "M", 256, 256, ("1x1", 256), "M", *_C_STACK, *_C_STACK],
     "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
-    "E": [
-        64,
-        64,
-        "M",
-        128,
-        128,
-        "M",
-        256,
-        256,
-        256,
-        256,
-        "M",
-        512,
-        512,
-        512,
-        512,
-        "M",
-        512,
-        512,
-        512,
-        512,
-        "M",
-    ],  # fmt: skip
+    "E": [64, 64, "M", 128, 128, "M", *[256] * 4, "M", *[512] * 4, "M", *[512] * 4, "M"],
 }
 
 # torchvision's names for the configurations it ships; "_bn" adds batch-norm after each conv.

@@ -26,17 +26,42 @@ from torch import nn
 
 # Ops of int8 graphs (QDQ from quantize_static, or integer ops from quantize_dynamic).
 QUANTIZED_OPS = frozenset(
-    {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "DynamicQuantizeLinear",
-     "QLinearMatMul", "MatMulInteger"}
-)  # fmt: skip
-FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-                         onnx.TensorProto.DOUBLE})  # fmt: skip
+    [
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "QLinearConv",
+        "ConvInteger",
+        "DynamicQuantizeLinear",
+        "QLinearMatMul",
+        "MatMulInteger",
+    ]
+)
+_T = onnx.TensorProto
+FLOAT_TYPES = frozenset({_T.FLOAT, _T.FLOAT16, _T.BFLOAT16, _T.DOUBLE})
 # The helper nodes of the exporter's decomposition of LocalResponseNorm (torch's
 # F.local_response_norm: square, pad the channel axis, AveragePool3d, scale, add k, power).
 LRN_HELPER_OPS = frozenset(
-    {"Mul", "Shape", "Constant", "Gather", "Unsqueeze", "Concat", "Reshape", "ConstantOfShape",
-     "Slice", "Transpose", "Cast", "Pad", "AveragePool", "Equal", "If", "Add", "Pow", "Squeeze"}
-)  # fmt: skip
+    [
+        "Mul",
+        "Shape",
+        "Constant",
+        "Gather",
+        "Unsqueeze",
+        "Concat",
+        "Reshape",
+        "ConstantOfShape",
+        "Slice",
+        "Transpose",
+        "Cast",
+        "Pad",
+        "AveragePool",
+        "Equal",
+        "If",
+        "Add",
+        "Pow",
+        "Squeeze",
+    ]
+)
 LAYER_OPS = ("Conv", "Relu", "MaxPool", "LRN", "Cast")
 SERVE_WITH_ORT = "serve this model with --backend onnxruntime"
 

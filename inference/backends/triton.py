@@ -88,8 +88,9 @@ class _SharedMemoryPool:
         if not region.registered:
             try:
                 await client.unregister_system_shared_memory(region.name)  # stale, if any
-                await client.register_system_shared_memory(region.name, f"/{region.name}",
-                                                            region.size)  # fmt: skip
+                await client.register_system_shared_memory(
+                    region.name, f"/{region.name}", region.size
+                )
             except BaseException:
                 self._free.append(region)
                 raise

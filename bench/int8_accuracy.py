@@ -22,6 +22,8 @@ from common import ROOT, machine
 
 from export import quantize, to_onnx
 from inference import read_repository
+from inference.backends.onnxruntime import OnnxRuntimeBackend
+from inference.evaluation import collect
 from inference.protocol import average_posteriors, parse_scales
 
 DEMO = ("demo-vgg16", "demo-vgg19")
@@ -72,10 +74,11 @@ def main() -> None:
                 raise SystemExit(f"int8 export of {weights} failed")
             print(f"{name}: int8 export {time.perf_counter() - started:.1f} s")
         entries = read_repository(repo)
-        for model, entry in entries.items():
+        backend = OnnxRuntimeBackend(entries)
+        images = [quantize.decode_file(path) for path in files]
+        for model in entries:
             started = time.perf_counter()
-            session = quantize.cpu_session(entry.onnx_path)
-            posteriors[model] = quantize.dense_posteriors(session, files, scales)
+            posteriors[model] = collect(backend, model, images, scales).combine(scales)
             print(f"{model}: {len(files)} images in {time.perf_counter() - started:.1f} s")
         labels = entries[names[0]].labels
     truth = np.array([labels.index(c) for c in classes])

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
+from inference.backends.serving_module import ServingModule
 from vgg.models import FullyConvVGG
 
 # Input sizes checked before anything is written: square, 3:4 and an odd pair (issue 2).
@@ -24,8 +24,11 @@ VERIFY_SIZES: tuple[tuple[int, int], ...] = ((224, 224), (256, 341), (301, 457))
 TOLERANCE = {"fp32": 1e-5, "fp16": 1e-2}
 
 
-class ServingGraph(nn.Module):
-    """``FullyConvVGG`` with the cast, normalisation, spatial mean and soft-max inside."""
+class ServingGraph(ServingModule):
+    """``FullyConvVGG`` with the cast, normalisation, spatial mean and soft-max inside.
+
+    The convolutions run in ``dtype``; averaging and soft-max stay in float32 whatever it is.
+    """
 
     def __init__(
         self,
@@ -34,21 +37,17 @@ class ServingGraph(nn.Module):
         std: Sequence[float],
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        super().__init__()
-        self.net = net.to(dtype).eval()
-        self.dtype = dtype
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         # (x / 255 - mean) / std folded into one multiply-add, computed in float32.
-        self.register_buffer("scale", 1.0 / (255.0 * std_t))
-        self.register_buffer("shift", -mean_t / std_t)
+        super().__init__(1.0 / (255.0 * std_t), -mean_t / std_t, [net.eval()])
+        self.configure(dtype, channels_last=False)
+        self.eval()
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = image.to(torch.float32) * self.scale + self.shift
-        scores = self.net(x.to(self.dtype)).to(torch.float32)
-        # Averaging and soft-max stay in float32 whatever the conv precision.
-        probs = torch.softmax(scores.mean(dim=(2, 3)), dim=1)
-        return probs, scores
+    @property
+    def net(self) -> FullyConvVGG:
+        """The fully convolutional VGG inside."""
+        return self.layers[0]
 
 
 def export_onnx(graph: ServingGraph, opset: int = 17, example_size: int = 224) -> bytes:

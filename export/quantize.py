@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -31,10 +30,13 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
+from PIL import Image
 
 # export -> inference (pure protocol functions): calibration must see what the server sends.
+from inference.backends.onnxruntime import OnnxRuntimeBackend
+from inference.evaluation import collect
 from inference.images import ImageError, decode_image
-from inference.protocol import average_posteriors, dense_batch
+from inference.protocol import dense_batch
 
 DEFAULT_CALIBRATION_IMAGES = 64
 DEFAULT_VERIFY_IMAGES = 16
@@ -97,17 +99,23 @@ def _spread(files: Sequence[Path], count: int) -> list[Path]:
     return [files[i * len(files) // count] for i in range(count)]
 
 
+def decode_file(path: Path) -> Image.Image:
+    """An image file decoded as the server decodes uploads; raises :class:`CalibrationError`
+    naming a file that cannot be used."""
+    try:
+        return decode_image(path.read_bytes())
+    except (OSError, ImageError) as exc:
+        raise CalibrationError(
+            f"cannot use calibration image {path}: {exc}; remove it or pick another folder"
+        ) from exc
+
+
 def serving_batches(
     files: Sequence[Path], scales: Sequence[int], flip: bool = True
 ) -> Iterator[tuple[int, np.ndarray]]:
     """(image index, uint8 batch) for every image and Q, exactly as the server builds them."""
     for index, path in enumerate(files):
-        try:
-            image = decode_image(path.read_bytes())
-        except (OSError, ImageError) as exc:
-            raise CalibrationError(
-                f"cannot use calibration image {path}: {exc}; remove it or pick another folder"
-            ) from exc
+        image = decode_file(path)
         for q in scales:
             yield index, dense_batch(image, q, flip)
 
@@ -159,27 +167,6 @@ def quantize_int8(
         return int8.read_bytes()
 
 
-def cpu_session(model: bytes | str | Path, threads: int | None = None) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session (the int8 kernels are CPU kernels)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def dense_posteriors(
-    session: ort.InferenceSession, files: Sequence[Path], scales: Sequence[int], flip: bool = True
-) -> np.ndarray:
-    """(images, C) posteriors under the dense protocol: averaged over flips, then over Q."""
-    per_image: dict[int, list[np.ndarray]] = {}
-    for index, batch in serving_batches(files, scales, flip):
-        (probs,) = session.run(["probs"], {"image": batch})
-        per_image.setdefault(index, []).append(probs.mean(axis=0))
-    return np.stack([average_posteriors(per_image[i]) for i in range(len(files))])
-
-
 def compare(reference: np.ndarray, candidate: np.ndarray) -> Agreement:
     """Top-1 agreement and largest posterior difference of two (images, C) posterior sets."""
     agree = float(np.mean(reference.argmax(axis=1) == candidate.argmax(axis=1)))
@@ -193,7 +180,12 @@ def verify_int8(
     scales: Sequence[int],
     flip: bool = True,
 ) -> Agreement:
-    """How the int8 graph agrees with the fp32 graph on ``files`` under the full protocol."""
-    reference = dense_posteriors(cpu_session(fp32_bytes), files, scales, flip)
-    candidate = dense_posteriors(cpu_session(int8_bytes), files, scales, flip)
+    """How the int8 graph agrees with the fp32 graph on ``files`` under the full protocol
+    (dense evaluation at every Q of ``scales``, with flips: :mod:`inference.evaluation`)."""
+    images = [decode_file(path) for path in files]
+    backend = OnnxRuntimeBackend.from_graphs({"fp32": fp32_bytes, "int8": int8_bytes})
+    reference, candidate = (
+        collect(backend, name, images, scales, flip=flip).combine(scales)
+        for name in ("fp32", "int8")
+    )
     return compare(reference, candidate)

@@ -18,15 +18,17 @@ from PIL import Image
 from inference.backends.base import Backend
 from inference.images import ImageError
 from inference.protocol import (
+    MODES,
+    ScalePosteriors,
     average_posteriors,
     dense_batch,
+    mean_over_views,
     multicrop_batch,
     rescaled_size,
     top_k,
 )
 from inference.repository import ModelEntry
 
-MODES = ("dense", "multicrop", "both")
 DEFAULT_TOP_K = 5
 MAX_SCALE = 1024
 # A rescaled view larger than this is refused: a 20000x20 strip at Q=512 would be 262 MP.
@@ -228,17 +230,16 @@ class Classifier:
         per_model_probs: dict[str, np.ndarray] = {}
         maps: list[np.ndarray] = []
         for name in names:
-            by_kind: dict[str, list[np.ndarray]] = {"dense": [], "multicrop": []}
-            for (job_model, kind, _q), out in zip(jobs, results, strict=True):
-                if job_model != name:
-                    continue
-                if "scores" in out:
-                    maps.append(out["scores"])
-                if kind == "dense" and opts.mode == "multicrop":
-                    continue  # run only for the heatmap
-                by_kind[kind].append(out["probs"].astype(np.float64).mean(axis=0))  # over flips
-            averaged = [average_posteriors(v) for v in by_kind.values() if v]  # over scales
-            per_model_probs[name] = average_posteriors(averaged)  # dense + multi-crop
+            posteriors = ScalePosteriors()
+            for (job_model, kind, q), out in zip(jobs, results, strict=True):
+                if job_model == name:
+                    # Over the views: the flip, or every crop and its flip.
+                    getattr(posteriors, kind)[q] = mean_over_views(out["probs"], len(out["probs"]))
+                    if "scores" in out:
+                        maps.append(out["scores"])
+            # Over scales, then dense + multi-crop (a dense run made only for the heatmap of
+            # mode "multicrop" is left out here).
+            per_model_probs[name] = posteriors.combine(opts.model_scales[name], opts.mode)[0]
         fused = average_posteriors(list(per_model_probs.values()))  # over models
 
         labels = self.models[names[0]].labels

@@ -3,12 +3,15 @@
 Rescale so the shorter side is Q; run the image and its horizontal flip as one uint8 batch;
 spatially average the class score map and soft-max it (inside the exported graph); average the
 posteriors over flips, then over scales, then over models. Multi-crop evaluation (Table 5) takes a
-5x5 grid of training-size crops with flips per scale.
+5x5 grid of training-size crops with flips per scale. Both the per-request
+:class:`~inference.classifier.Classifier` and the many-image :mod:`inference.evaluation` build
+their batches and fuse their posteriors with these functions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -17,6 +20,8 @@ DEFAULT_SCALES: tuple[int, ...] = (256, 384, 512)
 # The paper's training crop; DEFAULT_SCALES are the paper's test scales for it.
 PAPER_CROP = 224
 MULTICROP_GRID = 5
+# Dense evaluation, multi-crop evaluation, or both averaged (paper Table 5).
+MODES = ("dense", "multicrop", "both")
 
 
 def serving_scales(crop: int) -> tuple[int, ...]:
@@ -108,6 +113,37 @@ def multicrop_batch(
 def average_posteriors(posteriors: Sequence[np.ndarray]) -> np.ndarray:
     """Mean of several (C,) or (N, C) posteriors along the first axis of their stack."""
     return np.mean(np.stack([np.asarray(p, dtype=np.float64) for p in posteriors]), axis=0)
+
+
+def mean_over_views(probs: np.ndarray, views_per_image: int) -> np.ndarray:
+    """(N * V, C) posteriors of V views per image (the image and its flip, or every crop and its
+    flip) -> (N, C), each image's views averaged, in float64."""
+    probs = np.asarray(probs, dtype=np.float64)
+    return probs.reshape(-1, views_per_image, probs.shape[-1]).mean(axis=1)
+
+
+@dataclass
+class ScalePosteriors:
+    """One model's posteriors of N images at each scale Q, each averaged over its views.
+
+    ``dense[q]`` (N, C): dense evaluation at Q, averaged over the flip; ``multicrop[q]`` (N, C):
+    the 5x5 crops at Q and their flips, averaged. :meth:`combine` fuses them as the paper does.
+    """
+
+    dense: dict[int, np.ndarray] = field(default_factory=dict)
+    multicrop: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def combine(self, scales: Sequence[int], mode: str = "dense") -> np.ndarray:
+        """(N, C): averaged over ``scales``, then over dense and multi-crop for mode "both"
+        (paper Table 5)."""
+        parts = []
+        if mode in ("dense", "both"):
+            parts.append(average_posteriors([self.dense[q] for q in scales]))
+        if mode in ("multicrop", "both"):
+            parts.append(average_posteriors([self.multicrop[q] for q in scales]))
+        if not parts:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        return average_posteriors(parts)
 
 
 def top_k(probabilities: np.ndarray, k: int) -> list[tuple[int, float]]:

@@ -9,10 +9,9 @@ import asyncio
 import time
 
 from fastapi import UploadFile
-from PIL import Image
 
 from inference import ClassifyOptions
-from inference.images import open_image, to_rgb
+from inference.images import decode_image
 from server.dependencies import ServerState
 from server.errors import BadUpload
 from server.schemas import ClassifyResponse, classify_response
@@ -32,11 +31,6 @@ async def read_upload(upload: UploadFile | None, field: str = "file") -> bytes:
     return data
 
 
-def decode(data: bytes, max_pixels: int, draft_short_side: int | None = None) -> Image.Image:
-    """Header check (pixel limit, before any pixel is decoded), then decode to RGB."""
-    return to_rgb(open_image(data, max_pixels), draft_short_side)
-
-
 async def classify_bytes(
     state: ServerState, data: bytes, options: ClassifyOptions, started: float
 ) -> ClassifyResponse:
@@ -48,7 +42,9 @@ async def classify_bytes(
     settings = state.settings
     # --jpeg-draft: large JPEGs decode at reduced size, never below twice the largest Q.
     draft = 2 * max(state.classifier.resolve(options).scales) if settings.jpeg_draft else None
-    image = await loop.run_in_executor(state.decode_pool, decode, data, settings.max_pixels, draft)
+    image = await loop.run_in_executor(
+        state.decode_pool, decode_image, data, settings.max_pixels, draft
+    )
     decoded = time.perf_counter()
     result = await state.classifier.classify(image, options)
     finished = time.perf_counter()

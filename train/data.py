@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from inference.images import ImageError, decode_image
 from train.augment import TrainAugmentation
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -74,10 +75,15 @@ def scan_folder(root: Path, classes: tuple[str, ...] | None = None) -> Folder:
     return Folder(root=root, classes=tuple(classes), samples=tuple(samples))
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Decode an image file to RGB (as torchvision's ``pil_loader``)."""
-    with Image.open(path) as image:
-        return image.convert("RGB")
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode an image file to RGB exactly as the server decodes an upload
+    (:func:`inference.images.decode_image`: EXIF orientation, colour modes, pixel limits), so the
+    error measured in training is the error the served model makes; raises :class:`DataError`
+    naming the file."""
+    try:
+        return decode_image(Path(path).read_bytes())
+    except (OSError, ImageError) as exc:
+        raise DataError(f"cannot use training image {path}: {exc}") from exc
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

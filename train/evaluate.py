@@ -2,11 +2,8 @@
 
 The network is turned into its fully convolutional twin and wrapped in the exported graph's own
 pre-processing (``export.graph.ServingGraph``: uint8 in, posterior out), and the images go
-through ``inference.protocol`` exactly as the server sends them. So the error measured here is
-the error the served model makes.
-
-Images whose rescaled sizes are equal are batched together; the synthetic set is drawn in a few
-aspect ratios for that reason. Any other folder works too, one image per batch.
+through :mod:`inference.evaluation`, the server's own views and fusion with many images per
+batch. So the error measured here is the error the served model makes.
 
     python -m train.evaluate --data data/synthetic --weights runs/demo-vgg16/best.pth \\
         --weights runs/demo-vgg19/best.pth --scales 64,96,128
@@ -18,9 +15,7 @@ import argparse
 import json
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,17 +23,17 @@ import torch
 from PIL import Image
 
 from export.graph import ServingGraph
-from inference.protocol import average_posteriors, dense_batch, multicrop_batch, rescaled_size
+from inference import evaluation
+from inference.backends.torch import TorchBackend
+from inference.protocol import MODES, ScalePosteriors, average_posteriors
 from inference.protocol import parse_scales as parse_scale_list
 from train.data import Folder, load_rgb, scan_folder
 from vgg.checkpoint import load_weights
 from vgg.convert import to_fully_conv
 from vgg.models import VGG
 
-MODES = ("dense", "multicrop", "both")
-# Views of one forward pass: bounded in pixels so full-size nets at Q=512 fit in memory.
-MAX_BATCH_PIXELS = 1 << 22
-MAX_BATCH_VIEWS = 256
+# The one model of the backend built around a graph under validation.
+MODEL = "net"
 
 
 def serving_graph(
@@ -48,84 +43,12 @@ def serving_graph(
     return ServingGraph(to_fully_conv(model).eval(), mean, std).to(device).eval()
 
 
-@torch.no_grad()
-def _run(graph: ServingGraph, views: np.ndarray, device: torch.device | str) -> np.ndarray:
-    """Posteriors (N, C) float64 of a uint8 batch, split to bound memory."""
-    pixels = views.shape[2] * views.shape[3]
-    step = max(1, min(MAX_BATCH_VIEWS, MAX_BATCH_PIXELS // pixels))
-    out = []
-    for start in range(0, len(views), step):
-        batch = torch.from_numpy(views[start : start + step]).to(device)
-        probs, _ = graph(batch)
-        out.append(probs.double().cpu().numpy())
-    return np.concatenate(out)
-
-
-def dense_posteriors(
-    graph: ServingGraph,
-    images: Sequence[Image.Image],
-    scale: int,
-    flip: bool = True,
-    device: torch.device | str = "cpu",
-) -> np.ndarray:
-    """(N, C) posteriors at one Q, averaged over the flip: the dense protocol for each image."""
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, image in enumerate(images):
-        groups[rescaled_size(*image.size, scale)].append(i)
-    result: np.ndarray | None = None
-    views_per_image = 2 if flip else 1
-    for indices in groups.values():
-        views = np.concatenate([dense_batch(images[i], scale, flip) for i in indices])
-        probs = _run(graph, views, device)
-        probs = probs.reshape(len(indices), views_per_image, -1).mean(axis=1)
-        if result is None:
-            result = np.zeros((len(images), probs.shape[1]))
-        result[indices] = probs
-    assert result is not None
-    return result
-
-
-def multicrop_posteriors(
-    graph: ServingGraph,
-    images: Sequence[Image.Image],
-    scale: int,
-    crop: int,
-    flip: bool = True,
-    device: torch.device | str = "cpu",
-) -> np.ndarray:
-    """(N, C) posteriors at one Q from a 5x5 grid of crops (with flips), averaged (Table 5)."""
-    rows = [
-        _run(graph, multicrop_batch(image, scale, crop, flip), device).mean(axis=0)
-        for image in images
-    ]
-    return np.stack(rows)
-
-
-def error_rates(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(top-1, top-5) error in percent; top-5 is top-k with k = min(5, classes)."""
-    k = min(5, probabilities.shape[1])
-    # Stable order (ties: lower index first), as inference.protocol.top_k.
-    order = np.argsort(-probabilities, axis=1, kind="stable")
-    top1 = np.mean(order[:, 0] != labels) * 100
-    top5 = np.mean(~np.any(order[:, :k] == labels[:, None], axis=1)) * 100
-    return float(top1), float(top5)
-
-
-@dataclass
-class Posteriors:
-    """Per-scale posteriors of one model on one image list, for combining afterwards."""
-
-    dense: dict[int, np.ndarray]
-    multicrop: dict[int, np.ndarray]
-
-    def combine(self, scales: Sequence[int], mode: str = "dense") -> np.ndarray:
-        """Average over scales (and over dense + multi-crop for mode "both", Table 5)."""
-        parts = []
-        if mode in ("dense", "both"):
-            parts.append(average_posteriors([self.dense[q] for q in scales]))
-        if mode in ("multicrop", "both"):
-            parts.append(average_posteriors([self.multicrop[q] for q in scales]))
-        return average_posteriors(parts)
+def graph_backend(graph: ServingGraph, device: torch.device | str = "cpu") -> TorchBackend:
+    """``graph`` as an inference backend (model name :data:`MODEL`): float32, eager, on
+    ``device``, leaving the process's cuDNN settings to training."""
+    return TorchBackend(
+        {MODEL: graph}, device=str(device), dtype="fp32", compile="off", tune_cuda=False
+    )
 
 
 def collect(
@@ -136,15 +59,23 @@ def collect(
     modes: Sequence[str] = ("dense",),
     flip: bool = True,
     device: torch.device | str = "cpu",
-) -> Posteriors:
-    """Dense and/or multi-crop posteriors of ``images`` at every scale of ``scales``."""
-    dense, multi = {}, {}
-    for q in sorted(set(scales)):
-        if "dense" in modes or "both" in modes:
-            dense[q] = dense_posteriors(graph, images, q, flip, device)
-        if "multicrop" in modes or "both" in modes:
-            multi[q] = multicrop_posteriors(graph, images, q, crop, flip, device)
-    return Posteriors(dense, multi)
+) -> ScalePosteriors:
+    """Dense and/or multi-crop posteriors of ``images`` at every scale of ``scales``
+    (:func:`inference.evaluation.collect` on ``graph``)."""
+    wanted = set(modes)
+    mode = "both" if "both" in wanted or {"dense", "multicrop"} <= wanted else next(iter(wanted))
+    backend = graph_backend(graph, device)
+    return evaluation.collect(backend, MODEL, images, scales, crop, mode, flip)
+
+
+def error_rates(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(top-1, top-5) error in percent; top-5 is top-k with k = min(5, classes)."""
+    k = min(5, probabilities.shape[1])
+    # Stable order (ties: lower index first), as inference.protocol.top_k.
+    order = np.argsort(-probabilities, axis=1, kind="stable")
+    top1 = np.mean(order[:, 0] != labels) * 100
+    top5 = np.mean(~np.any(order[:, :k] == labels[:, None], axis=1)) * 100
+    return float(top1), float(top5)
 
 
 def load_images(folder: Folder, indices: Sequence[int]) -> tuple[list[Image.Image], np.ndarray]:

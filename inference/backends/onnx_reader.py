@@ -15,7 +15,6 @@ torch backend never runs something other than what ONNX Runtime runs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,8 @@ import onnx
 import torch
 from onnx import numpy_helper
 from torch import nn
+
+from inference.backends.serving_module import ServingModule
 
 # Ops of int8 graphs (QDQ from quantize_static, or integer ops from quantize_dynamic).
 QUANTIZED_OPS = frozenset(
@@ -68,40 +69,6 @@ SERVE_WITH_ORT = "serve this model with --backend onnxruntime"
 
 class GraphNotReadable(ValueError):
     """An ONNX graph the torch backend cannot turn into a module; the message says why."""
-
-
-class ServingModule(nn.Module):
-    """uint8 (N, 3, H, W) -> (probs (N, C) float32, scores (N, C, h, w) float32).
-
-    The same computation as the exported graph: normalisation in float32, the conv stack in
-    :attr:`compute_dtype`, spatial mean and soft-max in float32.
-    """
-
-    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, layers: Iterable[nn.Module]):
-        super().__init__()
-        self.register_buffer("scale", scale.to(torch.float32))
-        self.register_buffer("shift", shift.to(torch.float32))
-        self.layers = nn.Sequential(*layers)
-        self.compute_dtype = torch.float32
-        self.channels_last = False
-
-    def configure(self, dtype: torch.dtype, channels_last: bool) -> ServingModule:
-        """Conv stack in ``dtype`` (normalisation buffers stay float32), optionally NHWC."""
-        self.layers.to(dtype)
-        if channels_last:
-            self.layers.to(memory_format=torch.channels_last)
-        self.compute_dtype = dtype
-        self.channels_last = channels_last
-        return self
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = image.to(torch.float32) * self.scale + self.shift
-        x = x.to(self.compute_dtype)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        scores = self.layers(x).to(torch.float32)
-        probs = torch.softmax(scores.mean(dim=(2, 3)), dim=1)
-        return probs, scores
 
 
 def _attributes(node: onnx.NodeProto) -> dict:

@@ -6,6 +6,7 @@ import asyncio
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -65,12 +66,38 @@ class OnnxRuntimeBackend:
         concurrency: int | None = None,
     ) -> None:
         self._providers = providers()
-        on_gpu = self.on_gpu = self._providers[0] != "CPUExecutionProvider"
         options = session_options(threads)
-        self.sessions = {
+        sessions = {
             name: ort.InferenceSession(str(entry.onnx_path), options, providers=self._for(entry))
             for name, entry in models.items()
         }
+        self._start(sessions, self._providers[0] != "CPUExecutionProvider", concurrency)
+
+    @classmethod
+    def from_graphs(
+        cls, graphs: Mapping[str, bytes | str | Path], threads: int | None = None
+    ) -> OnnxRuntimeBackend:
+        """Graphs that are not in a repository (ONNX bytes or files) on the CPU provider, e.g. an
+        int8 graph checked against its fp32 source before either is written."""
+        backend = cls.__new__(cls)
+        backend._providers = ["CPUExecutionProvider"]
+        options = session_options(threads)
+        sessions = {
+            name: ort.InferenceSession(
+                graph if isinstance(graph, bytes) else str(graph),
+                options,
+                providers=["CPUExecutionProvider"],
+            )
+            for name, graph in graphs.items()
+        }
+        backend._start(sessions, on_gpu=False, concurrency=None)
+        return backend
+
+    def _start(
+        self, sessions: dict[str, ort.InferenceSession], on_gpu: bool, concurrency: int | None
+    ) -> None:
+        self.sessions = sessions
+        self.on_gpu = on_gpu
         workers = concurrency or (2 if on_gpu else 1)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ort")
 

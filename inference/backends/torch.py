@@ -36,7 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from inference.backends.onnx_reader import GraphNotReadable, ServingModule, read_serving_module
+from inference.backends.onnx_reader import GraphNotReadable, read_serving_module
+from inference.backends.serving_module import ServingModule
 from inference.repository import ModelEntry
 
 log = logging.getLogger("inference.torch")
@@ -121,6 +122,8 @@ class TorchBackend:
         compile_backend: ``torch.compile`` backend; ``inductor`` in production, anything else
             (e.g. a dynamo test backend) runs without inductor's modes.
         threads: intra-op threads on the CPU (default: PyTorch's, every core).
+        tune_cuda: set this process's cuDNN and TF32 switches for serving (see the module
+            docstring); training validation passes False to leave its own settings alone.
     """
 
     name = "torch"
@@ -133,6 +136,7 @@ class TorchBackend:
         compile: str = "auto",
         compile_backend: str | object = "inductor",
         threads: int | None = None,
+        tune_cuda: bool = True,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -140,7 +144,7 @@ class TorchBackend:
         on_cuda = self.on_gpu = self.device.type == "cuda"
         if threads and not on_cuda:
             torch.set_num_threads(threads)
-        if on_cuda:
+        if on_cuda and tune_cuda:
             torch.backends.cudnn.benchmark = False  # see the module docstring
             # fp32 means fp32: TF32 would break the 1e-5 agreement with ONNX Runtime.
             exact = self.dtype == torch.float32

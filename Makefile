@@ -7,7 +7,7 @@ MODEL_REPOSITORY ?= model_repository
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: venv test lint serve models imagenet-models clean-models
+.PHONY: venv browser test lint serve models imagenet-models clean-models
 
 venv: $(STAMP)
 
@@ -18,22 +18,39 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,triton]'
 	touch $(STAMP)
 
-test: venv
-	$(PY) -m pytest -q --timeout=900
+# Chromium for tests/test_browser.py (Debian's packages). make test installs them when missing
+# and it runs as root (or give APT_GET="sudo apt-get"); otherwise it says what to install and the
+# browser tests skip, saying why.
+CHROMIUM ?= /usr/bin/chromium
+CHROMEDRIVER ?= /usr/bin/chromedriver
+APT_GET ?= $(if $(filter 0,$(shell id -u)),apt-get)
+INSTALL_BROWSER := apt-get update && apt-get install -y chromium chromium-driver
+
+browser:
+	@if [ -x "$(CHROMIUM)" ] && [ -x "$(CHROMEDRIVER)" ]; then :; \
+	elif [ -n "$(APT_GET)" ]; then \
+		echo "installing Chromium for the browser tests: $(INSTALL_BROWSER)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$(APT_GET) update -qq && $(APT_GET) install -y -qq chromium chromium-driver \
+		|| echo "could not install chromium and chromium-driver: the browser tests will be skipped"; \
+	else echo "Chromium ($(CHROMIUM), $(CHROMEDRIVER)) is missing: the browser tests will be skipped; to run them, install it as root: $(INSTALL_BROWSER)"; fi
+
+test: venv browser
+	VGGSERVE_CHROMIUM=$(CHROMIUM) VGGSERVE_CHROMEDRIVER=$(CHROMEDRIVER) $(PY) -m pytest -q --timeout=900
 
 lint: venv
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
 # torchvision's ImageNet VGG-16 and VGG-19 (cache or download).
 imagenet-models: venv
-	$(PY) export/to_onnx.py --repository $(MODEL_REPOSITORY)
+	$(PY) -m export.to_onnx --repository $(MODEL_REPOSITORY)
 
 # Models for the main job: what the repository already holds; else torchvision's ImageNet VGG-16
 # and VGG-19 (cache or download); else, offline, the demo models trained here (make demo-models).
 models: venv
 	@if ls $(MODEL_REPOSITORY)/*/config.pbtxt >/dev/null 2>&1; then \
 		echo "models in $(MODEL_REPOSITORY): $$(ls $(MODEL_REPOSITORY))"; \
-	elif $(PY) export/to_onnx.py --repository $(MODEL_REPOSITORY); then :; \
+	elif $(PY) -m export.to_onnx --repository $(MODEL_REPOSITORY); then :; \
 	else echo "no ImageNet weights here: training the demo models instead (make demo-models)"; \
 		$(MAKE) demo-models; fi
 

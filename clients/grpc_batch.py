@@ -26,12 +26,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tqdm import tqdm
 
-from tqdm import tqdm  # noqa: E402
-
-from inference import (  # noqa: E402
+from inference import (
     DEFAULT_SCALES,
     Classification,
     Classifier,
@@ -42,22 +39,12 @@ from inference import (  # noqa: E402
     decode_image,
     read_repository,
 )
-from inference.backends.base import BackendUnavailable  # noqa: E402
-from inference.backends.triton import LOOPBACK, TritonBackend, TritonError  # noqa: E402
+from inference.backends.base import BackendUnavailable
+from inference.backends.triton import LOOPBACK, TritonBackend, TritonError
+from inference.images import IMAGE_SUFFIXES
+from inference.protocol import parse_scales
+from inference.repository import parse_model_names
 
-IMAGE_SUFFIXES = {
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".ppm",
-    ".pgm",
-    ".pbm",
-    ".bmp",
-    ".gif",
-    ".tif",
-    ".tiff",
-    ".webp",
-}
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 75  # 75: EX_TEMPFAIL, rerun later
 
 
@@ -342,10 +329,13 @@ async def main_async(args: argparse.Namespace) -> int:
         raise UsageError("--concurrency must be at least 1")
     shard_index, shard_count = parse_shard(args.shard)
     try:
-        scales = tuple(int(q) for q in args.scales.split(","))
-    except ValueError:
-        raise UsageError(f"--scales must be integers like 256,384,512, got {args.scales}") from None
-    names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else None
+        scales = parse_scales(args.scales)
+    except ValueError as exc:
+        raise UsageError(f"--scales: {exc}") from None
+    try:
+        names = list(parse_model_names(args.models)) if args.models else None
+    except ValueError as exc:
+        raise UsageError(f"--models: {exc}") from None
     if args.shm and args.url.rsplit(":", 1)[0] not in LOOPBACK:
         raise UsageError(f"--shm needs Triton on this machine, but --url is {args.url}")
     models = read_repository(args.repository, names)

@@ -12,6 +12,21 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 50_000_000
+# File suffixes a folder walk takes for images (training folders, int8 calibration, the batch
+# client), sorted so messages list them in a stable order; Pillow reads every one of them.
+IMAGE_SUFFIXES = (
+    ".bmp",
+    ".gif",
+    ".jpeg",
+    ".jpg",
+    ".pbm",
+    ".pgm",
+    ".png",
+    ".ppm",
+    ".tif",
+    ".tiff",
+    ".webp",
+)
 
 
 class ImageError(ValueError):

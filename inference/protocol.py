@@ -42,13 +42,13 @@ def format_scales(scales: Sequence[int]) -> str:
 
 def parse_scales(text: str) -> tuple[int, ...]:
     """``"256,384,512"`` -> (256, 384, 512); raises ``ValueError`` saying what to give."""
-    try:
-        scales = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        scales = ()
-    if not scales or min(scales) <= 0:
-        raise ValueError(f"scales {text!r}: give positive integers, e.g. 256,384,512")
-    return scales
+    items = [item.strip() for item in text.split(",")]
+    # isascii: str.isdigit also accepts digits such as "²" that int() refuses.
+    if all(item.isascii() and item.isdigit() and int(item) > 0 for item in items):
+        return tuple(int(item) for item in items)
+    raise ValueError(
+        f"{text!r} is not a comma-separated list of positive integers (e.g. 256,384,512)"
+    )
 
 
 def rescaled_size(width: int, height: int, q: int, multiple: int | None = None) -> tuple[int, int]:

@@ -91,6 +91,16 @@ def read_model(model_dir: Path) -> ModelEntry:
     )
 
 
+def parse_model_names(text: str) -> tuple[str, ...]:
+    """``"vgg16,vgg19"`` -> ("vgg16", "vgg19"); raises ``ValueError`` on an empty name."""
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names):
+        raise ValueError(
+            f"{text!r} is not a comma-separated list of model names (e.g. vgg16,vgg19)"
+        )
+    return names
+
+
 def model_names(repository: Path, names: list[str] | None = None) -> list[str]:
     """The model folders of ``repository`` (all, sorted, or ``names`` in that order, checked);
     raises :class:`RepositoryError` saying what to do when there are none."""

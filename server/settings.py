@@ -1,104 +1,102 @@
-"""What the server is started with: one immutable record, filled from the command line."""
+"""What the server is started with: one immutable record whose fields define the command line.
+
+Every field of :class:`Settings` carries its flag (:class:`Flag`): help text, how the flag's text
+is read, its choices, the check its value must pass. ``python -m server``'s parser, its
+``--help`` and the flag table of docs/server.md are generated from the fields
+(:mod:`server.flags`), and :class:`Settings` checks every value, whoever builds it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
+
+from inference.backends import torch_options
+from inference.protocol import parse_scales
+from inference.repository import parse_model_names
 
 BACKENDS = ("onnxruntime", "triton", "torch")
-# --backend torch (inference/backends/torch.py checks the same names; torch is not imported here).
-TORCH_DTYPES = ("auto", "bf16", "fp16", "fp32")
-TORCH_COMPILE_MODES = (
-    "auto",
-    "off",
-    "default",
-    "reduce-overhead",
-    "max-autotune",
-    "max-autotune-no-cudagraphs",
-)
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+# server.dependencies reads a request's scales and models with the flags' parsers.
+parse_int_list = parse_scales
+parse_name_list = parse_model_names
+
+# A check takes a value and says what is wrong with it ("must be positive, got 0"), or None.
+Check = Callable[[Any], "str | None"]
+
+
+class SettingError(ValueError):
+    """A setting whose value the server cannot use: ``name`` is the field, ``problem`` says
+    what is wrong and what to give."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name} {problem}")
+        self.name = name
+        self.problem = problem
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every start-up option of the front end (see ``python -m server --help``)."""
+class Flag:
+    """How a setting is given on the command line and described in ``--help`` and the docs.
 
-    repository: Path = Path("model_repository")
-    models: tuple[str, ...] | None = None  # None: every model in the repository
-    backend: str = "onnxruntime"
-    triton_url: str = "127.0.0.1:8001"
-    host: str = "127.0.0.1"
-    port: int = 8080
-    scales: tuple[int, ...] | None = None  # None: each model's serving scales (config.pbtxt)
-    max_upload_mb: float = 20.0
-    max_pixels: int = 50_000_000
-    max_concurrency: int = 4
-    max_queue: int = 32
-    threads: int | None = None  # ONNX Runtime intra-op threads; None: every core
-    max_batch_files: int = 32
-    torch_device: str = "auto"  # auto: the first CUDA device, else the CPU
-    torch_dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on the CPU
-    torch_compile: str = "auto"  # auto: reduce-overhead (CUDA graphs) on CUDA, off on the CPU
-    torch_warmup: tuple[tuple[int, int], ...] = ()  # image sizes (width, height) run at start-up
-    # Longer side rounded to a multiple of this (few input shapes); None: exact rescaling.
-    shape_multiple: int | None = None
-    # Micro-batching of same-shape views across requests (in-process backends); None: 2 ms on
-    # a GPU, off on CPU (where one run already uses every core and joining only adds latency).
-    batch_delay_ms: float | None = None
-    max_batch: int = 32
-    # Decode large JPEGs at 1/2-1/8 size (never below twice the largest Q); off: exact decoding.
-    jpeg_draft: bool = False
+    A field whose default is a bool is a switch (given: True).
+    """
 
-    def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.max_upload_mb <= 0:
-            raise ValueError("max_upload_mb must be positive")
-        if self.max_pixels < 1:
-            raise ValueError("max_pixels must be positive")
-        if self.max_concurrency < 1:
-            raise ValueError("max_concurrency must be at least 1")
-        if self.max_queue < 0:
-            raise ValueError("max_queue must be 0 or more")
-        if self.max_batch_files < 1:
-            raise ValueError("max_batch_files must be at least 1")
-        if self.scales is not None and not self.scales:
-            raise ValueError("scales must not be empty")
-        if self.torch_dtype not in TORCH_DTYPES:
-            raise ValueError(f"torch_dtype must be one of {', '.join(TORCH_DTYPES)}")
-        if self.torch_compile not in TORCH_COMPILE_MODES:
-            raise ValueError(f"torch_compile must be one of {', '.join(TORCH_COMPILE_MODES)}")
-        if self.shape_multiple is not None and self.shape_multiple < 1:
-            raise ValueError("shape_multiple must be positive")
-        if self.batch_delay_ms is not None and not 0 <= self.batch_delay_ms <= 1000:
-            raise ValueError("batch_delay_ms must be between 0 and 1000")
-        if self.max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
+    help: str
+    # Flag text -> value; raises ValueError with a message saying what to give.
+    parse: Callable[[str], Any] = str
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    check: Check | None = None
+    # The default in words, where its value says little (None: "the model's own", "every core").
+    default_text: str | None = None
 
-    @property
-    def max_upload_bytes(self) -> int:
-        """The request body limit in bytes (1 MB = 2**20 bytes)."""
-        return int(self.max_upload_mb * 1024 * 1024)
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` for this setting, or None when it is fine."""
+        if self.choices is not None and value not in self.choices:
+            return f"must be one of {', '.join(self.choices)}, got {value!r}"
+        return self.check(value) if self.check else None
 
 
-def parse_int_list(text: str) -> tuple[int, ...]:
-    """``"256,384,512"`` -> ``(256, 384, 512)``; raises ``ValueError`` saying what is malformed."""
-    items = [item.strip() for item in text.split(",")]
-    if not text.strip() or any(not item for item in items):
-        raise ValueError(f"{text!r} is not a comma-separated list of integers (e.g. 256,384,512)")
-    try:
-        return tuple(int(item) for item in items)
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is not a comma-separated list of integers (e.g. 256,384,512)"
-        ) from None
+def setting(default: Any, help: str, **flag: Any) -> Any:
+    """A :class:`Settings` field with its flag (keyword arguments: :class:`Flag`'s)."""
+    return field(default=default, metadata={"flag": Flag(help, **flag)})
 
 
-def parse_name_list(text: str) -> tuple[str, ...]:
-    """``"vgg16,vgg19"`` -> ``("vgg16", "vgg19")``; raises ``ValueError`` on empty items."""
-    items = [item.strip() for item in text.split(",")]
-    if not text.strip() or any(not item for item in items):
-        raise ValueError(f"{text!r} is not a comma-separated list of names (e.g. vgg16,vgg19)")
-    return tuple(items)
+def positive(value: float) -> str | None:
+    """Refuses 0 and below."""
+    return None if value > 0 else f"must be positive, got {value}"
+
+
+def at_least_zero(value: float) -> str | None:
+    """Refuses negative values."""
+    return None if value >= 0 else f"must be 0 or more, got {value}"
+
+
+def between(low: float, high: float) -> Check:
+    """A check that refuses values outside [low, high]."""
+
+    def check(value: float) -> str | None:
+        return None if low <= value <= high else f"must be between {low} and {high}, got {value}"
+
+    return check
+
+
+def positive_scales(scales: tuple[int, ...]) -> str | None:
+    """Refuses an empty list and scales of 0 or below."""
+    if scales and all(q > 0 for q in scales):
+        return None
+    return f"must be one or more positive integers (e.g. 256,384,512), got {scales}"
+
+
+def positive_sizes(sizes: tuple[tuple[int, int], ...]) -> str | None:
+    """Refuses sizes with a side of 0 or below."""
+    if all(width > 0 and height > 0 for width, height in sizes):
+        return None
+    return f"must be (width, height) pairs of positive integers, got {sizes}"
 
 
 def parse_size_list(text: str) -> tuple[tuple[int, int], ...]:
@@ -112,3 +110,170 @@ def parse_size_list(text: str) -> tuple[tuple[int, int], ...]:
             )
         sizes.append((int(width), int(height)))
     return tuple(sizes)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every start-up option of the front end: ``python -m server --help`` lists them."""
+
+    # --- the models ---
+    repository: Path = setting(
+        Path("model_repository"),
+        "Triton model repository written by python export/to_onnx.py; missing or empty: the "
+        "server exits with status 2 and one line saying what to do",
+        parse=Path,
+        metavar="DIR",
+    )
+    models: tuple[str, ...] | None = setting(
+        None,
+        "comma-separated models to serve and fuse, e.g. vgg16,vgg19",
+        parse=parse_model_names,
+        metavar="NAMES",
+        default_text="every model in the repository",
+    )
+    scales: tuple[int, ...] | None = setting(
+        None,
+        "scales Q (shorter side) of a request that names none, comma-separated, for every model",
+        parse=parse_scales,
+        metavar="Q,...",
+        check=positive_scales,
+        default_text="each model's serving scales, written into its config.pbtxt by the exporter",
+    )
+    # --- the backend ---
+    backend: str = setting(
+        "onnxruntime",
+        "onnxruntime: ONNX Runtime in this process; triton: a Triton server over gRPC at "
+        "--triton-url; torch: PyTorch in this process, for GPUs",
+        choices=BACKENDS,
+    )
+    triton_url: str = setting(
+        "127.0.0.1:8001", "Triton's gRPC address, with --backend triton", metavar="HOST:PORT"
+    )
+    threads: int | None = setting(
+        None,
+        "ONNX Runtime threads per inference; with --backend torch on the CPU, PyTorch's threads",
+        parse=int,
+        check=positive,
+        metavar="N",
+        default_text="every core",
+    )
+    torch_device: str = setting(
+        "auto",
+        "with --backend torch: auto (the first CUDA device, else the CPU), cpu, cuda or cuda:N",
+        metavar="DEVICE",
+    )
+    torch_dtype: str = setting(
+        "auto",
+        "with --backend torch: precision of the convolutions; auto is bf16 on CUDA and fp32 on "
+        "the CPU; normalisation, spatial mean and soft-max stay fp32",
+        choices=("auto", *torch_options.DTYPES),
+    )
+    torch_compile: str = setting(
+        "auto",
+        "with --backend torch: torch.compile mode (dynamic shapes, one compile per model) or off "
+        "(eager); auto is reduce-overhead (CUDA graphs for shapes that recur) on CUDA and off on "
+        "the CPU",
+        choices=("auto", *torch_options.COMPILE_MODES),
+    )
+    torch_warmup: tuple[tuple[int, int], ...] = setting(
+        (),
+        "with --backend torch: image sizes WIDTHxHEIGHT (e.g. 640x480,480x640) run with flips at "
+        "every default scale before the server answers, so the first requests of those shapes "
+        "pay no compile or graph capture",
+        parse=parse_size_list,
+        check=positive_sizes,
+        metavar="WxH,...",
+        default_text="none",
+    )
+    # --- HTTP ---
+    host: str = setting("127.0.0.1", "address to listen on", metavar="ADDRESS")
+    port: int = setting(
+        8080, "TCP port to listen on", parse=int, check=between(1, 65535), metavar="PORT"
+    )
+    # --- limits ---
+    max_upload_mb: float = setting(
+        20.0,
+        "largest request body in MB (2**20 bytes), refused with 413 while it streams in",
+        parse=float,
+        check=positive,
+        metavar="MB",
+    )
+    max_pixels: int = setting(
+        50_000_000,
+        "largest image in pixels (width x height), read from the header before decoding; "
+        "larger: 413",
+        parse=int,
+        check=positive,
+        metavar="N",
+    )
+    max_batch_files: int = setting(
+        32,
+        "most files in one POST /v1/classify/batch; more: 413",
+        parse=int,
+        check=positive,
+        metavar="N",
+    )
+    max_concurrency: int = setting(
+        4, "requests decoded and classified at once", parse=int, check=positive, metavar="N"
+    )
+    max_queue: int = setting(
+        32,
+        "requests waiting for a slot; beyond them: 429 with Retry-After",
+        parse=int,
+        check=at_least_zero,
+        metavar="N",
+    )
+    # --- speed ---
+    batch_delay_ms: float | None = setting(
+        None,
+        "micro-batching: how long the first batch of views of a shape waits for other requests' "
+        "views of that shape to run with it (in-process backends); 0: off",
+        parse=float,
+        check=between(0, 1000),
+        metavar="MS",
+        # On the CPU one run already uses every core: joining runs would only add latency.
+        default_text="2 on a GPU, off on the CPU",
+    )
+    max_batch: int = setting(
+        32, "most views in one micro-batch", parse=int, check=positive, metavar="N"
+    )
+    shape_multiple: int | None = setting(
+        None,
+        "round the longer rescaled side to a multiple of M (e.g. 32), so photos of many aspect "
+        "ratios make few input shapes; stretches the image slightly, which moves probabilities",
+        parse=int,
+        check=positive,
+        metavar="M",
+        default_text="off, exact rescaling as in the paper",
+    )
+    jpeg_draft: bool = setting(
+        False,
+        "decode JPEGs much larger than the largest Q at 1/2, 1/4 or 1/8 size (libjpeg's scaled "
+        "IDCT), the shorter side kept at least twice that Q: 1.5x faster decoding of 768-1152 px "
+        "photos; probabilities differ from full decoding by up to 4.7e-3, 1.9e-4 on average, "
+        "as measured by bench/approximations.py on the demo models at Q=64,96,128",
+        default_text="off, exact decoding",
+    )
+    # --- the process ---
+    grace_period: float = setting(
+        30.0,
+        "seconds in-flight requests get to finish after SIGTERM before the server exits anyway",
+        parse=float,
+        check=positive,
+        metavar="SECONDS",
+    )
+    log_level: str = setting("info", "uvicorn and server log level", choices=LOG_LEVELS)
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if value is None:  # the documented default behaviour (default_text)
+                continue
+            problem = item.metadata["flag"].problem(value)
+            if problem:
+                raise SettingError(item.name, problem)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """The request body limit in bytes (1 MB = 2**20 bytes)."""
+        return int(self.max_upload_mb * 1024 * 1024)

@@ -6,6 +6,8 @@ image, and show a readable error for a file that is not an image.
 
 from __future__ import annotations
 
+import os
+
 import httpx
 import pytest
 from selenium import webdriver
@@ -17,6 +19,14 @@ from .images import encode, landscape
 from .server_process import ServerProcess
 
 SCREENSHOT = "/tmp/vggserve-page.png"
+# Debian's chromium and chromium-driver; make test installs them when missing and it can.
+CHROMIUM = os.environ.get("VGGSERVE_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("VGGSERVE_CHROMEDRIVER", "/usr/bin/chromedriver")
+pytestmark = pytest.mark.skipif(
+    not all(os.access(path, os.X_OK) for path in (CHROMIUM, CHROMEDRIVER)),
+    reason=f"Chromium ({CHROMIUM}, {CHROMEDRIVER}) is missing; install it as root: "
+    "apt-get update && apt-get install -y chromium chromium-driver (make test does it as root)",
+)
 CHROMIUM_ARGS = [
     "--headless=new",
     "--no-sandbox",
@@ -40,10 +50,10 @@ def server(two_model_repository, tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser():
     options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
+    options.binary_location = CHROMIUM
     for arg in CHROMIUM_ARGS:
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
     driver.quit()
 

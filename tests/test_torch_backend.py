@@ -10,6 +10,7 @@ import asyncio
 import shutil
 import subprocess
 import sys
+from dataclasses import fields
 
 import httpx
 import numpy as np
@@ -20,8 +21,15 @@ import torch
 
 from inference import read_repository
 from inference.backends.onnx_reader import GraphNotReadable, read_serving_module
-from inference.backends.torch import COMPILE_MODES, DTYPES, TorchBackend, load_modules
-from server.settings import TORCH_COMPILE_MODES, TORCH_DTYPES
+from inference.backends.torch import (
+    COMPILE_MODES,
+    DTYPES,
+    TorchBackend,
+    load_modules,
+    resolve_compile,
+    resolve_dtype,
+)
+from server.settings import Settings
 
 from .conftest import ROOT
 from .images import jpeg
@@ -196,9 +204,11 @@ def test_cpu_defaults_are_fp32_eager(entries):
         asyncio.run(backend.close())
 
 
-def test_server_flags_name_the_backend_choices():
-    assert set(TORCH_DTYPES) == {"auto", *DTYPES}
-    assert set(TORCH_COMPILE_MODES) == {"auto", *COMPILE_MODES}
+def test_server_flag_choices_are_what_the_backend_resolves():
+    choices = {item.name: item.metadata["flag"].choices for item in fields(Settings)}
+    cpu = torch.device("cpu")
+    assert {resolve_dtype(name, cpu) for name in choices["torch_dtype"]} == set(DTYPES.values())
+    assert {resolve_compile(mode, cpu) for mode in choices["torch_compile"]} == set(COMPILE_MODES)
 
 
 # --- graphs the backend refuses -----------------------------------------------------------------

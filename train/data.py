@@ -18,10 +18,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from inference.images import ImageError, decode_image
+from inference.images import IMAGE_SUFFIXES, ImageError, decode_image
 from train.augment import TrainAugmentation
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # Salts keep the streams of different uses of one seed apart.
 _ORDER_SALT, _AUGMENT_SALT = 11, 13
 
@@ -68,10 +67,10 @@ def scan_folder(root: Path, classes: tuple[str, ...] | None = None) -> Folder:
         if not folder.is_dir():
             continue
         for path in sorted(folder.rglob("*")):
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
                 samples.append((str(path), label))
     if not samples:
-        raise DataError(f"{root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return Folder(root=root, classes=tuple(classes), samples=tuple(samples))
 
 

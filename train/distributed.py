@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from inference.cores import available_cores  # noqa: F401 (train.recipe calls distributed.available_cores)
+
 
 @dataclass(frozen=True)
 class Process:
@@ -27,14 +29,6 @@ class Process:
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-
-def available_cores() -> int:
-    """Cores this process may run on (respects taskset and cgroup affinity)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def start(device: str = "auto") -> Process:

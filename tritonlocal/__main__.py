@@ -8,9 +8,17 @@ import sys
 import time
 from pathlib import Path
 
-from inference.repository import RepositoryError
+from inference.repository import RepositoryError, parse_model_names
 from tritonlocal.install import TritonNotInstalled
 from tritonlocal.launcher import DEFAULT_HOST, DEFAULT_PORTS, LocalTriton, TritonStartError
+
+
+def model_names_argument(text: str) -> tuple[str, ...]:
+    """``--models`` for argparse: the names, or argparse's error saying what to give."""
+    try:
+        return parse_model_names(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,7 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--http-port", type=int, default=DEFAULT_PORTS["http"])
     parser.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"])
     parser.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"])
-    parser.add_argument("--models", help="comma-separated model names (default: all)")
+    parser.add_argument(
+        "--models", type=model_names_argument, help="comma-separated model names (default: all)"
+    )
     parser.add_argument("--instances", type=int, help="instances per model (default: config's)")
     parser.add_argument("--work-dir", type=Path, help="twin + log folder (default: temporary)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to become ready")
@@ -40,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
         host=args.host,
-        models=args.models.split(",") if args.models else None,
+        models=list(args.models) if args.models else None,
         instance_count=args.instances,
         work_dir=args.work_dir,
         log_to_console=True,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,15 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from inference.cores import available_cores
 from inference.repository import ModelEntry
-
-
-def available_cores() -> int:
-    """Cores this process may run on (respects taskset/cgroup affinity)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:

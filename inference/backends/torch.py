@@ -36,14 +36,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from inference.backends import torch_options
 from inference.backends.onnx_reader import GraphNotReadable, read_serving_module
 from inference.backends.serving_module import ServingModule
 from inference.repository import ModelEntry
 
 log = logging.getLogger("inference.torch")
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DTYPES = {name: getattr(torch, attribute) for name, attribute in torch_options.DTYPES.items()}
+COMPILE_MODES = torch_options.COMPILE_MODES
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 __all__ = ["COMPILE_MODES", "DTYPES", "GraphNotReadable", "TorchBackend", "load_modules"]

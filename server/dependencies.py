@@ -9,10 +9,12 @@ from typing import Annotated, Literal
 from fastapi import Depends, Query, Request
 
 from inference import Classifier, ClassifyOptions, ModelEntry, OptionError
+from inference.protocol import parse_scales
+from inference.repository import parse_model_names
 from server.admission import Admission
 from server.engine import EngineHandle
 from server.metrics import Metrics
-from server.settings import Settings, parse_int_list, parse_name_list
+from server.settings import Settings
 
 
 @dataclass
@@ -47,7 +49,7 @@ def classify_options(
         str | None,
         Query(
             description="comma-separated shorter-side sizes Q, e.g. 256,384,512 "
-            "(default: the server's --scales)",
+            "(default: the server's --scales if given, else each model's serving scales)",
             examples=["256,384,512"],
         ),
     ] = None,
@@ -69,11 +71,11 @@ def classify_options(
     Raises :class:`OptionError` (422, naming the parameter) before any image is decoded.
     """
     try:
-        parsed_scales = parse_int_list(scales) if scales is not None else None
+        parsed_scales = parse_scales(scales) if scales is not None else None
     except ValueError as exc:
         raise OptionError("scales", str(exc)) from None
     try:
-        parsed_models = parse_name_list(models) if models is not None else None
+        parsed_models = parse_model_names(models) if models is not None else None
     except ValueError as exc:
         raise OptionError("models", str(exc)) from None
     options = ClassifyOptions(

@@ -20,10 +20,6 @@ from inference.repository import parse_model_names
 BACKENDS = ("onnxruntime", "triton", "torch")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
-# server.dependencies reads a request's scales and models with the flags' parsers.
-parse_int_list = parse_scales
-parse_name_list = parse_model_names
-
 # A check takes a value and says what is wrong with it ("must be positive, got 0"), or None.
 Check = Callable[[Any], "str | None"]
 

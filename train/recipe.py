@@ -177,7 +177,6 @@ class Training:
     clock: StepClock
     sampler: EpochBatches
     loader: DataLoader
-    workers: int
     state: RunState
     # The served graph's normalisation, x * scale + shift, on the device.
     pixel_scale: torch.Tensor
@@ -329,7 +328,6 @@ def setup(config: TrainConfig, process: distributed.Process, saved: dict | None)
         clock=clock,
         sampler=sampler,
         loader=loader,
-        workers=workers,
         state=state,
         pixel_scale=1.0 / (255.0 * std),
         pixel_shift=-mean / std,
@@ -353,6 +351,34 @@ def save_last(training: Training) -> None:
     atomic_save(checkpoint, training.last_path)
 
 
+def train_step(
+    training: Training, pixels: torch.Tensor, shift: torch.Tensor, labels: torch.Tensor, lr: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step at learning rate ``lr`` on a uint8 batch and its colour shifts.
+
+    Returns the batch's mean loss (detached) and its number of correct answers, on the device.
+    """
+    config, device = training.config, training.process.device
+    on_gpu = device.type == "cuda"
+    for group in training.optimizer.param_groups:
+        group["lr"] = lr
+    x = pixels.to(device, non_blocking=True).float()
+    x = (
+        x + shift.to(device, non_blocking=True)[:, :, None, None]
+    ) * training.pixel_scale + training.pixel_shift
+    if on_gpu and config.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    labels = labels.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu and config.amp):
+        logits = training.net(x)
+    loss = F.cross_entropy(logits.float(), labels)
+    training.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    training.optimizer.step()
+    with torch.no_grad():
+        return loss.detach(), (logits.argmax(1) == labels).sum()
+
+
 def train_one_epoch(training: Training, stop: StopSignal, show_progress: bool = False) -> dict:
     """The rest of the current epoch, from the step ``training.state`` is at.
 
@@ -362,17 +388,10 @@ def train_one_epoch(training: Training, stop: StopSignal, show_progress: bool = 
     """
     config, state, process = training.config, training.state, training.process
     device = process.device
-    on_gpu = device.type == "cuda"
-    channels_last = on_gpu and config.channels_last
-    sampler, schedule, optimizer, net = (
-        training.sampler,
-        training.schedule,
-        training.optimizer,
-        training.net,
-    )
+    sampler, schedule = training.sampler, training.schedule
     epoch = state.epoch
     sampler.set_epoch(epoch, state.step)
-    net.train()
+    training.net.train()
     started = time.perf_counter()
     # loss * n and correct answers, summed on the device and read once per epoch
     totals_t = torch.zeros(2, dtype=torch.float64, device=device)
@@ -391,26 +410,12 @@ def train_one_epoch(training: Training, stop: StopSignal, show_progress: bool = 
     for pixels, shift, labels in training.loader:
         step = state.step
         lr = schedule.at(epoch, step, steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        # Dropout masks are a function of the seed and the position in training.
         training.clock.key = (config.seed, epoch, step)
         training.clock.offset = process.rank * sampler.local_batch
-        x = pixels.to(device, non_blocking=True).float()
-        x = (
-            x + shift.to(device, non_blocking=True)[:, :, None, None]
-        ) * training.pixel_scale + training.pixel_shift
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu and config.amp):
-            logits = net(x)
-        loss = F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            totals_t[0] += loss.detach().double() * len(labels)
-            totals_t[1] += (logits.argmax(1) == labels).sum()
+        loss, correct = train_step(training, pixels, shift, labels, lr)
+        totals_t[0] += loss.double() * len(labels)
+        totals_t[1] += correct
         state.step += 1
         if bar is not None:
             bar.update(1)
@@ -598,6 +603,21 @@ def final_evaluation(config: TrainConfig, process: distributed.Process) -> dict 
     return final
 
 
+def train_and_report(config: TrainConfig, process: distributed.Process | None = None) -> int:
+    """:func:`train` as a command runs it: a failure or a signal becomes one line on stderr and
+    an exit code (0 done, 2 unusable input, 128 + N stopped by signal N after saving)."""
+    try:
+        train(config, process)
+    except Interrupted as exc:
+        if process is None or process.main:
+            log(f"{exc}; run the same command to continue")
+        return exc.exit_code
+    except (DataError, CheckpointError, ValueError) as exc:
+        log(f"error: {exc}")
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m train``: 0 when done, 2 on unusable input, 128 + N when stopped by signal N."""
     config = parse_args(argv)
@@ -607,17 +627,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"error: {exc}")
         return 2
     try:
-        train(config, process)
-    except Interrupted as exc:
-        if process.main:
-            log(f"{exc}; run the same command to continue")
-        return exc.exit_code
-    except (DataError, CheckpointError, ValueError) as exc:
-        log(f"error: {exc}")
-        return 2
+        return train_and_report(config, process)
     finally:
         distributed.stop()
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The functions under ``python -m train`` and ``python -m train.demo``: TrainConfig (the one
-definition of every flag), train(config) equal to the command, and the demo pipeline run in
-miniature through run_demo."""
+definition of every flag), train(config) equal to the command and resumed exactly after a
+signal, and the demo pipeline run in miniature through run_demo."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -20,11 +21,11 @@ import torch
 from inference.backends.onnxruntime import OnnxRuntimeBackend
 from inference.classifier import Classifier, ClassifyOptions
 from inference.repository import read_repository
-from train import demo
+from train import demo, recipe
 from train.config import ConfigError, TrainConfig
 from train.data import load_rgb, scan_folder
 from train.options import build_parser, parse_args
-from train.recipe import train
+from train.recipe import train, train_step
 from train.synthetic import SyntheticConfig, generate
 
 from .conftest import ROOT
@@ -105,7 +106,32 @@ def tiny_data(tmp_path_factory) -> Path:
     return generate(tmp_path_factory.mktemp("tiny") / "data", config, workers=1, log=print)
 
 
-def test_train_function_gives_the_commands_weights(tiny_data, tmp_path):
+def train_here(config: TrainConfig):
+    """``train(config)`` in this process, leaving its torch thread count as it was."""
+    threads = torch.get_num_threads()
+    try:
+        return train(config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    first, second = (torch.load(p, weights_only=True)["model"] for p in (a, b))
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.fixture(scope="module")
+def library_run(tiny_data, tmp_path_factory) -> Path:
+    """An uninterrupted tiny run through train(config)."""
+    out = tmp_path_factory.mktemp("library") / "run"
+    config = replace(parse_args(["--data", str(tiny_data), *TINY_FLAGS]), output_dir=out)
+    outcome = train_here(config)
+    assert outcome.epochs == 2 and [row["epoch"] for row in outcome.history] == [1, 2]
+    assert outcome.final == json.loads((out / "final.json").read_text())
+    return out
+
+
+def test_train_function_gives_the_commands_weights(tiny_data, library_run, tmp_path):
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "command"
     command = [sys.executable, "-m", "train", "--data", str(tiny_data), "--output-dir", str(out)]
@@ -113,22 +139,42 @@ def test_train_function_gives_the_commands_weights(tiny_data, tmp_path):
         [*command, *TINY_FLAGS], capture_output=True, text=True, env=environment, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-
-    config = replace(
-        parse_args(["--data", str(tiny_data), *TINY_FLAGS]), output_dir=tmp_path / "library"
-    )
-    threads = torch.get_num_threads()
-    try:
-        outcome = train(config)
-    finally:
-        torch.set_num_threads(threads)
-    assert outcome.epochs == 2 and [row["epoch"] for row in outcome.history] == [1, 2]
-    assert outcome.final == json.loads((tmp_path / "library" / "final.json").read_text())
     for name in ("last.pth", "best.pth"):
-        a = torch.load(out / name, weights_only=True)
-        b = torch.load(tmp_path / "library" / name, weights_only=True)
-        assert a["model"].keys() == b["model"].keys()
-        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
+        assert same_weights(out / name, library_run / name), name
+
+
+def test_sigterm_interrupts_train_which_then_resumes_exactly(
+    tiny_data, library_run, tmp_path, monkeypatch
+):
+    steps = []
+
+    def step_then_signal(*args, **kwargs):
+        result = train_step(*args, **kwargs)
+        steps.append(1)
+        if len(steps) == 3:  # as `kill -TERM` would, between two steps of the first epoch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    out = tmp_path / "run"
+    config = replace(parse_args(["--data", str(tiny_data), *TINY_FLAGS]), output_dir=out)
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(recipe, "train_step", step_then_signal)
+    with pytest.raises(recipe.Interrupted) as info:
+        train_here(config)
+    monkeypatch.undo()
+    assert (info.value.signum, info.value.exit_code) == (signal.SIGTERM, 128 + signal.SIGTERM)
+    assert str(info.value) == (
+        f"stopped by signal {int(signal.SIGTERM)}: saved {out / 'last.pth'} at epoch 1, step 3"
+    )
+    assert signal.getsignal(signal.SIGTERM) is handler  # the caller's handler is back
+    saved = torch.load(out / "last.pth", weights_only=True)
+    assert (saved["epoch"], saved["step"], saved["finished"]) == (0, 3, False)
+    assert not (out / "final.json").exists()
+
+    outcome = train_here(config)  # the same config continues where the signal stopped it
+    assert outcome.epochs == 2
+    for name in ("last.pth", "best.pth"):
+        assert same_weights(out / name, library_run / name), name
 
 
 def tiny_demo_configs(data: Path, runs: Path) -> dict[str, TrainConfig]:

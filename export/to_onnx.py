@@ -36,13 +36,13 @@ from vgg.checkpoint import CheckpointError
 from vgg.models import resolve_arch
 
 # The command's names that callers and tests reach through this module.
-__all__ = ["TOLERANCE", "ExportError", "export_model", "main", "parse_args"]
+__all__ = ["TOLERANCE", "ExportError", "build_parser", "export_model", "main", "parse_args"]
 
 PROG = "python export/to_onnx.py"
 
 
-def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Namespace:
-    """Parse and check the command line (errors exit 2 with argparse's usage line)."""
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The parser: one flag per keyword argument of ``export_model``, with its default."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description=__doc__.split("\n\n")[0],
@@ -136,6 +136,12 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
         default=None,
         help="training crop of a small variant; FC6 kernel = crop / 32",
     )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Namespace:
+    """Parse and check the command line (errors exit 2 with argparse's usage line)."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
         check_settings(

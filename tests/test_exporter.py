@@ -3,6 +3,7 @@ export``, with the command's defaults, checks and messages."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -44,6 +45,14 @@ def test_export_model_writes_what_the_command_writes(small_state_dict_path, tmp_
     for name in ("config.pbtxt", "labels.txt", "1/model.onnx"):
         assert (command / name).read_bytes() == (path.parents[1] / name).read_bytes(), name
     assert read_repository(tmp_path / "library")["small"].scales == (64, 96)
+
+
+def test_every_flag_is_a_keyword_argument_with_the_same_default():
+    actions = [a for a in to_onnx.build_parser()._actions if a.dest not in ("help", "weights")]
+    parameters = inspect.signature(export_model).parameters
+    assert {a.dest for a in actions} == set(parameters) - {"weights", "log"}
+    for action in actions:
+        assert parameters[action.dest].default == action.default, action.dest
 
 
 # (keyword arguments, the same settings as flags, the one message both give)

@@ -2,22 +2,56 @@
 
 ``last.pth`` holds everything needed to continue exactly (weights, optimiser, schedule, epoch
 and step, RNG states, history); ``best.pth`` holds the best validated weights only. Both are in
-the format ``vgg.checkpoint.load_weights`` and ``export/to_onnx.py`` read.
+the format ``vgg.checkpoint.load_weights`` and ``export.exporter.export_model`` read.
+
+Saving: :func:`last_checkpoint` / :func:`best_checkpoint` build the dicts, :func:`atomic_save`
+writes them. Resuming: :func:`read_last` finds ``last.pth``, :func:`restore_model` puts its
+weights into a freshly built net, :func:`run_state` gives back the position in training and
+:func:`restore_training` the optimiser, schedule and RNG states.
 """
 
 from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vgg.checkpoint import CHECKPOINT_FORMAT, read_weights_file
+from train.normalisation import Normalisation
+from train.schedule import LearningRate
+from vgg.checkpoint import CHECKPOINT_FORMAT, check_state_dict, read_weights_file
+from vgg.models import VGG, VGGSpec
 
 LAST = "last.pth"
 BEST = "best.pth"
+
+
+@dataclass
+class Progress:
+    """Running sums of an epoch (kept in the checkpoint for a mid-epoch resume)."""
+
+    loss: float = 0.0
+    correct: float = 0.0
+    seconds: float = 0.0
+
+    def to_list(self) -> list[float]:
+        """``[loss, correct, seconds]``, as the checkpoint keeps them."""
+        return [self.loss, self.correct, self.seconds]
+
+
+@dataclass
+class RunState:
+    """Where a run is: what ``last.pth`` records besides the weights and the optimiser."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # completed steps of the current epoch
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None
+    finished: bool = False
+    progress: Progress = field(default_factory=Progress)
 
 
 def atomic_save(obj: dict, path: Path) -> Path:
@@ -90,3 +124,78 @@ def weights_checkpoint(model: torch.nn.Module, classes, mean, std, epoch: int, *
 def read(path: Path) -> dict:
     """A checkpoint as a dict (raises ``vgg.checkpoint.CheckpointError`` with a reason)."""
     return read_weights_file(path)
+
+
+def last_checkpoint(
+    model: VGG,
+    classes,
+    norm: Normalisation,
+    state: RunState,
+    optimizer: torch.optim.Optimizer,
+    schedule: LearningRate,
+    settings: dict,
+    world_size: int,
+) -> dict:
+    """``last.pth``: the weights and everything needed to continue exactly where ``state`` is."""
+    return weights_checkpoint(
+        model,
+        classes,
+        norm.mean,
+        norm.std,
+        state.epoch,
+        step=state.step,
+        finished=state.finished,
+        optimizer=optimizer.state_dict(),
+        scheduler=schedule.state_dict(),
+        rng=rng_states(),
+        normalisation=norm.to_dict(),
+        history=state.history,
+        best=state.best,
+        progress=state.progress.to_list(),
+        args=settings,
+        world_size=world_size,
+    )
+
+
+def best_checkpoint(model: VGG, classes, norm: Normalisation, epoch: int, metrics: dict) -> dict:
+    """``best.pth``: the best validated weights and their validation metrics."""
+    return weights_checkpoint(model, classes, norm.mean, norm.std, epoch, metrics=metrics)
+
+
+def read_last(directory: Path, resume: bool = True) -> dict | None:
+    """``directory/last.pth`` when there is one to continue from; None for a fresh run."""
+    path = Path(directory) / LAST
+    if not path.is_file():
+        return None
+    if not resume:
+        raise ValueError(f"{path} exists; remove {directory} or drop --no-resume to continue it")
+    return read(path)
+
+
+def restore_model(model: VGG, saved: dict, spec: VGGSpec, classes, path: Path) -> None:
+    """Load ``saved``'s weights into ``model``, refusing a checkpoint of another net or classes."""
+    if saved["spec"] != spec.to_dict() or list(saved["classes"]) != list(classes):
+        raise ValueError(
+            f"{path} was trained as {saved['spec']} on classes {saved['classes'][:5]}..., "
+            f"which differs from this command; use another --output-dir"
+        )
+    check_state_dict(model, saved["model"], str(path))
+    model.load_state_dict(saved["model"])
+
+
+def run_state(saved: dict) -> RunState:
+    """The position in training ``last.pth`` was saved at."""
+    return RunState(
+        epoch=saved["epoch"],
+        step=saved["step"],
+        history=list(saved["history"]),
+        best=saved["best"],
+        progress=Progress(*saved["progress"]),
+    )
+
+
+def restore_training(saved: dict, optimizer: torch.optim.Optimizer, schedule: LearningRate) -> None:
+    """The optimiser, the schedule and every RNG as ``last.pth`` saved them."""
+    optimizer.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["scheduler"])
+    restore_rng_states(saved["rng"])

@@ -23,35 +23,34 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from inference.protocol import average_posteriors
+from train.config import TrainConfig
 from train.data import scan_folder
-from train.demo import COMMON, SCALES
+from train.demo import SCALES, run_configs
 from train.evaluate import collect, error_rates, load_images, serving_graph
-from train.recipe import main as train_main
+from train.recipe import train_and_report
 from train.reporting import log
 from vgg.checkpoint import load_weights
 
-# The demo's fine-tuning, at a fixed scale instead of jittering (train/demo.py's JITTER).
-FIXED = {"findings-S64": "64", "findings-S128": "128"}
+# The demo's fine-tuning of demo-vgg16-s64, at a fixed scale S instead of jittering.
+FIXED = {"findings-S64": 64, "findings-S128": 128}
 SERVER_SCALES = (256, 384, 512)
-FINETUNE = [
-    "--arch",
-    "vgg16_bn",
-    "--epochs",
-    "3",
-    "--lr",
-    "0.005",
-    "--val-every",
-    "1",
-    "--val-images",
-    "100",
-    "--val-scales",
-    ",".join(map(str, SCALES)),
-]
+
+
+def fixed_scale_configs(
+    data: Path, runs: Path, progress: bool | None = None
+) -> dict[str, TrainConfig]:
+    """The runs of Tables 3 and 4 by name: ``demo-vgg16``'s settings at a fixed S."""
+    jittered = run_configs(data, runs, progress)["demo-vgg16"]
+    return {
+        name: replace(jittered, scale=(scale, scale), val_scale=scale, output_dir=runs / name)
+        for name, scale in FIXED.items()
+    }
 
 
 def _errors(probs: np.ndarray, labels: np.ndarray) -> str:
@@ -143,6 +142,7 @@ def protocol_table(args: argparse.Namespace, images, labels) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of ``python -m train.findings``."""
     parser = argparse.ArgumentParser(
         prog="python -m train.findings",
         description="Train the short runs and print the paper's findings in miniature.",
@@ -167,31 +167,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m train.findings``: train the fixed-S runs, then write the tables."""
     args = parse_args(argv)
     started = time.perf_counter()
     for name in ("demo-vgg16-s64", "demo-vgg16", "demo-vgg19"):
         if not (args.runs / name / "best.pth").is_file():
             log(f"error: {args.runs / name / 'best.pth'} is missing; run make demo-models first")
             return 2
-    progress = [] if args.progress is None else ["--progress" if args.progress else "--no-progress"]
-    for name, scale in FIXED.items():
-        code = train_main(
-            [
-                "--data",
-                str(args.data),
-                "--output-dir",
-                str(args.runs / name),
-                *COMMON,
-                *FINETUNE,
-                "--scale",
-                scale,
-                "--val-scale",
-                scale,
-                "--finetune-from",
-                str(args.runs / "demo-vgg16-s64" / "best.pth"),
-                *progress,
-            ]
-        )
+    for config in fixed_scale_configs(args.data, args.runs, args.progress).values():
+        code = train_and_report(config)
         if code != 0:
             return code
     val = scan_folder(args.data / "val")

@@ -24,8 +24,9 @@ needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make i
 def test_console_script_calls_a_main_that_takes_argv(script, capsys):
     module, _, function = SCRIPTS[script].partition(":")
     main = getattr(importlib.import_module(module), function)
-    parameters = inspect.signature(main).parameters
-    assert list(parameters) == ["argv"] and parameters["argv"].default is None
+    parameters = list(inspect.signature(main).parameters.values())
+    assert parameters[0].name == "argv" and parameters[0].default is None
+    assert all(p.default is not inspect.Parameter.empty for p in parameters[1:])
     assert main.__annotations__["return"] in ("int", int)
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])

@@ -80,7 +80,7 @@ def test_training_validation_scores_as_the_exported_model(served, images):
     for name, model in models.items():
         entry = entries[name]
         graph = serving_graph(model, entry.mean, entry.std)
-        in_training = collect_in_training(graph, images, SCALES, entry.min_size, ("both",))
+        in_training = collect_in_training(graph, images, SCALES, entry.min_size, "both")
         exported = collect(backend, name, images, SCALES, entry.min_size, "both")
         for mode in ("dense", "multicrop", "both"):
             np.testing.assert_allclose(

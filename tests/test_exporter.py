@@ -71,8 +71,8 @@ BAD_SETTINGS = [
         ["--precision", "int8", "--calibration", "x", "--verify-images", "0"],
         "--calibration-images and --verify-images must be at least 1",
     ),
-    ({"scales": "64,a"}, ["--scales", "64,a"], "--scales: scales '64,a': give positive integers"),
-    ({"scales": (0, 64)}, ["--scales", "0,64"], "--scales: scales '0,64': give positive integers"),
+    ({"scales": "64,a"}, ["--scales", "64,a"], "--scales: '64,a' is not a comma-separated list"),
+    ({"scales": (0, 64)}, ["--scales", "0,64"], "--scales: '0,64' is not a comma-separated list"),
 ]
 
 

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from inference.cores import available_cores  # noqa: F401 (train.recipe calls distributed.available_cores)
-
 
 @dataclass(frozen=True)
 class Process:

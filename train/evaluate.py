@@ -56,14 +56,12 @@ def collect(
     images: Sequence[Image.Image],
     scales: Sequence[int],
     crop: int,
-    modes: Sequence[str] = ("dense",),
+    mode: str = "dense",
     flip: bool = True,
     device: torch.device | str = "cpu",
 ) -> ScalePosteriors:
-    """Dense and/or multi-crop posteriors of ``images`` at every scale of ``scales``
-    (:func:`inference.evaluation.collect` on ``graph``)."""
-    wanted = set(modes)
-    mode = "both" if "both" in wanted or {"dense", "multicrop"} <= wanted else next(iter(wanted))
+    """Dense, multi-crop or both posteriors of ``images`` at every scale of ``scales``
+    (:func:`inference.evaluation.collect` on ``graph``; ``crop``: the training crop)."""
     backend = graph_backend(graph, device)
     return evaluation.collect(backend, MODEL, images, scales, crop, mode, flip)
 
@@ -148,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for path, weights in zip(args.weights, loaded, strict=True):
         graph = serving_graph(weights.model, weights.mean, weights.std)
-        posteriors = collect(
-            graph, images, scales, weights.model.spec.crop, (args.mode,), args.flip
-        )
+        posteriors = collect(graph, images, scales, weights.model.spec.crop, args.mode, args.flip)
         probs = posteriors.combine(scales, args.mode)
         fused.append(probs)
         top1, top5 = error_rates(probs, labels)

@@ -91,7 +91,7 @@ def protocol_table(args: argparse.Namespace, images, labels) -> list[str]:
         graphs[net] = graph, crop
         flipped = collect(graph, images, SCALES, crop)
         unflipped = collect(graph, images, SCALES, crop, flip=False)
-        both = collect(graph, few, SCALES, crop, modes=("both",))
+        both = collect(graph, few, SCALES, crop, mode="both")
         rows.append((f"{net}, dense, flips off", _errors(unflipped.combine(SCALES), labels), "all"))
         rows.append((f"{net}, dense", _errors(flipped.combine(SCALES), labels), "all"))
         for mode, label in (

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from inference.cores import available_cores
 from train import distributed
 from train.augment import TrainAugmentation
 from train.checkpoints import (
@@ -120,7 +121,7 @@ def validate(
     graph = serving_graph(model, norm.mean, norm.std, proc.device)
     images = [load_rgb(folder.samples[i][0]) for i in mine]
     all_scales = tuple(sorted({single, *scales}))
-    posteriors = collect(graph, images, all_scales, model.spec.crop, ("dense",), flip, proc.device)
+    posteriors = collect(graph, images, all_scales, model.spec.crop, "dense", flip, proc.device)
     shards = [(mine, posteriors.dense)]
     if proc.world > 1:
         shards = distributed.gather_objects(shards[0])
@@ -532,7 +533,7 @@ def train(config: TrainConfig, process: distributed.Process | None = None) -> Tr
             return train(config, process)
         finally:
             distributed.stop()
-    cores = distributed.available_cores()
+    cores = available_cores()
     torch.set_num_threads(config.threads or max(1, cores // max(1, process.local_world)))
     out = config.output_dir
     if process.main:

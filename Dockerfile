@@ -5,7 +5,7 @@
 #   docker build --target triton   -t vggserve-triton   .
 #   docker build --target frontend -t vggserve-frontend .
 #
-# README.md ("Triton") shows how to run them together (docker network or compose).
+# docs/triton.md shows how to run them together (docker network or compose).
 
 ARG TRITON_VERSION=24.10
 ARG PYTHON_VERSION=3.11

@@ -29,7 +29,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from inference import (
-    DEFAULT_SCALES,
     Classification,
     Classifier,
     ClassifyOptions,
@@ -269,8 +268,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", help="comma-separated models to fuse (default: all)")
     parser.add_argument(
         "--scales",
-        default=",".join(map(str, DEFAULT_SCALES)),
-        help="comma-separated scales Q (shorter side)",
+        default=None,
+        help="comma-separated scales Q (shorter side) for every model (default: each model's "
+        "serving scales, from its config.pbtxt)",
     )
     parser.add_argument("--no-flip", action="store_true", help="skip the horizontal flips")
     parser.add_argument("--top-k", type=int, default=5)
@@ -329,7 +329,7 @@ async def main_async(args: argparse.Namespace) -> int:
         raise UsageError("--concurrency must be at least 1")
     shard_index, shard_count = parse_shard(args.shard)
     try:
-        scales = parse_scales(args.scales)
+        scales = parse_scales(args.scales) if args.scales else None
     except ValueError as exc:
         raise UsageError(f"--scales: {exc}") from None
     try:
@@ -353,7 +353,7 @@ async def main_async(args: argparse.Namespace) -> int:
     todo = [p for p in paths if p not in done]
     print(
         f"{len(paths)} images in shard {args.shard}, {len(paths) - len(todo)} already done, "
-        f"{len(todo)} to classify with {', '.join(options.models)} at Q={list(scales)} via "
+        f"{len(todo)} to classify with {', '.join(options.models)} at Q={list(options.scales)} via "
         f"Triton {args.url}",
         file=sys.stderr,
         flush=True,

@@ -19,7 +19,7 @@ import torch
 from inference.backends.serving_module import ServingModule
 from vgg.models import FullyConvVGG
 
-# Input sizes checked before anything is written: square, 3:4 and an odd pair (issue 2).
+# Input sizes checked before anything is written: square, 3:4 and an odd pair.
 VERIFY_SIZES: tuple[tuple[int, int], ...] = ((224, 224), (256, 341), (301, 457))
 TOLERANCE = {"fp32": 1e-5, "fp16": 1e-2}
 

@@ -125,15 +125,7 @@ def page_id(page: Path) -> str:
     return str(page.relative_to(ROOT))
 
 
-# The project README still links RELIABILITY.md (now docs/reliability.md) until it is rewritten
-# to link docs/; its links are checked from then on. Its code paths are checked already.
-README_LINKS_PENDING = pytest.mark.skip(reason="README.md still links RELIABILITY.md")
-LINKED_PAGES = [
-    pytest.param(p, marks=README_LINKS_PENDING) if p == ROOT / "README.md" else p for p in PAGES
-]
-
-
-@pytest.mark.parametrize("page", LINKED_PAGES, ids=page_id)
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
 def test_relative_links_point_to_existing_files_and_headings(page):
     problems = link_problems(page)
     assert not problems, f"{page_id(page)}: " + "; ".join(problems)

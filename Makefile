@@ -77,7 +77,7 @@ triton: venv
 # Locust against the HTTP front end (loadtest/run.sh --help): a server on a free port of
 # 17000-17999 (two small VGGs unless LOADTEST_ARGS names --repository), Locust headless, CSV
 # statistics and p50/p95/p99 in loadtest/results/. soak: 10 minutes, RSS and open files must
-# stay flat after warm-up (figures in RELIABILITY.md).
+# stay flat after warm-up (figures in docs/reliability.md).
 LOADTEST_ARGS ?=
 
 .PHONY: loadtest soak
@@ -89,7 +89,7 @@ soak: venv
 
 # Demo weights without ImageNet: draw a synthetic multi-scale set, train two small VGGs (D and
 # E with batch-norm, 1/8 width) on it and export them as demo-vgg16 and demo-vgg19. Every step
-# is skipped when its result exists; about 8 minutes on 2 idle cores (README, "Training").
+# is skipped when its result exists; about 8 minutes on 2 idle cores (docs/training.md).
 .PHONY: demo-models
 demo-models: venv
 	$(PY) -m train.demo --data data/synthetic --runs runs --repository $(MODEL_REPOSITORY)

@@ -47,7 +47,7 @@ DEFAULT_VERIFY_IMAGES = 16
 QUANTIZED_OPS = ("Conv", "Relu", "MaxPool")
 # int8 against fp32 under the full protocol (fused over Q and flips), on held-out images. Measured
 # on the demo models over 1000 validation images: 99.4-99.7% agreement, largest difference 0.031
-# (README, "int8 on CPU"); the export's 16 held-out images gave 100% and 0.019.
+# (docs/benchmarks.md, "int8 accuracy"); the export's 16 held-out images gave 100% and 0.019.
 MIN_TOP1_AGREEMENT = 0.9
 MAX_PROB_DIFF = 0.15
 

@@ -22,7 +22,7 @@ minutes call for something else), :data:`SINGLE` and :data:`JITTER` derived from
 The nets are trained at S in [64, 128] with 64x64 crops and evaluated at Q = {64, 96, 128}
 (Smin, the middle, Smax: paper section 4.2), and exported with those serving scales. The graphs
 accept any Q >= 64, {256, 384, 512} included, but objects then appear 2-4 times larger than in
-training and the error rises (see README, "Training").
+training and the error rises (see docs/training.md).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ DEFAULT_DATA = Path("data/synthetic")
 SUMMARY_FILE = "demo-summary.json"
 
 # Settings shared by all runs: the recipe's defaults except where a 2-core CPU and a few minutes
-# call for something else (README, "Training", says why for each).
+# call for something else (docs/training.md says why for each).
 BASE = TrainConfig(
     data=DEFAULT_DATA,
     width=0.125,

@@ -1,4 +1,4 @@
-"""The paper's findings in miniature, on the synthetic set (README, "Training").
+"""The paper's findings in miniature, on the synthetic set (docs/training.md).
 
     python -m train.findings --data data/synthetic --runs runs        # after make demo-models
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inference.protocol import average_posteriors
+from inference.protocol import DEFAULT_SCALES, average_posteriors
 from train.config import TrainConfig
 from train.data import scan_folder
 from train.demo import SCALES, run_configs
@@ -39,7 +39,8 @@ from vgg.checkpoint import load_weights
 
 # The demo's fine-tuning of demo-vgg16-s64, at a fixed scale S instead of jittering.
 FIXED = {"findings-S64": 64, "findings-S128": 128}
-SERVER_SCALES = (256, 384, 512)
+# The paper's test scales for 224 crops (ImageNet's nets): 2-4 times the demo nets' training scale.
+PAPER_SCALES = DEFAULT_SCALES
 
 
 def fixed_scale_configs(
@@ -106,16 +107,12 @@ def protocol_table(args: argparse.Namespace, images, labels) -> list[str]:
     rows.append(("D + E fused, dense", _errors(average_posteriors(dense_all), labels), "all"))
     fused_default = []
     for net, (graph, crop) in graphs.items():
-        # The server's default scales: objects 2-4 times larger than in training.
-        default = collect(graph, few, SERVER_SCALES, crop).combine(SERVER_SCALES)
+        # Objects 2-4 times larger than in training.
+        default = collect(graph, few, PAPER_SCALES, crop).combine(PAPER_SCALES)
         fused_default.append(default)
-        q = ", ".join(map(str, SERVER_SCALES))
+        q = ", ".join(map(str, PAPER_SCALES))
         rows.append(
-            (
-                f"{net}, dense at the server's default Q = {{{q}}}",
-                _errors(default, few_labels),
-                crops,
-            )
+            (f"{net}, dense at the paper's Q = {{{q}}}", _errors(default, few_labels), crops)
         )
     rows.append(
         (

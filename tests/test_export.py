@@ -18,9 +18,10 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from export import to_onnx
+from testkit import REPOSITORY_ROOT as ROOT
+from testkit.models import SMALL
 from vgg.models import build
 
-from .conftest import ROOT, SMALL
 from .reference import dense_probs, dense_scores
 
 SMALL_FLAGS = [

@@ -25,10 +25,10 @@ import onnxruntime as ort
 import pytest
 
 from inference import read_repository
-from loadtest.imageset import build_image_set
-from loadtest.processes import FrontEnd
-
-from .conftest import ROOT, SMALL
+from testkit import REPOSITORY_ROOT as ROOT
+from testkit.images import build_image_set
+from testkit.models import SMALL
+from testkit.processes import ServerProcess
 
 # name, version: a new model, a new version of m16, and version 1 of m16 written again.
 CASES = {"new model": ("m16b", 1), "new version": ("m16", 2), "same version": ("m16", 1)}
@@ -57,7 +57,7 @@ def killed_export(repository: Path, name: str, version: int, step: int, source: 
         [
             sys.executable,
             "-m",
-            "loadtest.killed_export",
+            "testkit.killed_export",
             str(repository),
             name,
             str(version),
@@ -163,7 +163,9 @@ def test_real_export_killed_while_writing_leaves_a_servable_repository(
     assert_loadable(repository)
 
     upload = build_image_set()[0]
-    with FrontEnd("--repository", str(repository), "--scales", "64", log_dir=tmp_path) as front:
+    with ServerProcess(
+        "--repository", str(repository), "--scales", "64", log_dir=tmp_path
+    ) as front:
         files = {"file": (upload.filename, upload.data, upload.content_type)}
         response = httpx.post(f"{front.url}/v1/classify", files=files, timeout=60)
     assert response.status_code == 200, response.text

@@ -8,7 +8,6 @@ well under a minute on two cores); a failure prints the exact bytes that caused 
 
 from __future__ import annotations
 
-import io
 import socket
 import time
 from collections import Counter
@@ -18,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loadtest.checks import Expected, check_classification
-from loadtest.imageset import smooth_image
-from loadtest.processes import FrontEnd, sample_resources
+from testkit.checks import Expected, check_classification
+from testkit.images import encode, smooth_image
+from testkit.processes import ServerProcess, sample_resources
 
 # What the API documents for a bad upload; 5xx is never acceptable.
 DOCUMENTED = {200, 400, 413, 415, 422}
@@ -31,14 +30,11 @@ STATUSES: Counter[str] = Counter()  # what the run got, printed by the last test
 
 
 def _seed(fmt: str) -> bytes:
-    image = smooth_image(96, 72, "RGB", seed=len(fmt))
-    buffer = io.BytesIO()
+    image = smooth_image(96, 72, seed=len(fmt))
     if fmt == "GIF":  # animated: two frames
-        second = smooth_image(96, 72, "RGB", seed=99)
-        image.save(buffer, "GIF", save_all=True, append_images=[second], duration=100, loop=0)
-    else:
-        image.save(buffer, fmt)
-    return buffer.getvalue()
+        second = smooth_image(96, 72, seed=99)
+        return encode(image, "GIF", save_all=True, append_images=[second], duration=100, loop=0)
+    return encode(image, fmt)
 
 
 SEEDS = {fmt: _seed(fmt) for fmt in ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP")}
@@ -67,7 +63,7 @@ def server(two_model_repository, tmp_path_factory):
         "--max-pixels",
         "4000000",
     ]
-    with FrontEnd(*args, log_dir=log_dir) as front:
+    with ServerProcess(*args, log_dir=log_dir) as front:
         with httpx.Client(base_url=front.url, timeout=60) as client:
             ok = client.post("/v1/classify", files={"file": ("a.png", SEEDS["PNG"], "image/png")})
             assert ok.status_code == 200, ok.text  # warm: sessions and arenas exist

@@ -17,22 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from loadtest.imageset import smooth_image
-from loadtest.processes import FrontEnd, sample_resources
-
-from .images import header_bomb, one_bit_bomb
+from testkit.images import encode, header_bomb, one_bit_bomb, png, smooth_image
+from testkit.processes import ServerProcess, sample_resources
 
 PARAMS = {"scales": "64,96", "top_k": 10}
-
-
-def encode(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
-def png(image: Image.Image) -> bytes:
-    return encode(image.convert("RGB"), "PNG")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +28,9 @@ def server(two_model_repository, tmp_path_factory):
     repository, _ = two_model_repository
     log_dir = tmp_path_factory.mktemp("special-images-logs")
     # The shipped limits (20 MB uploads, 50 MP): what a user of the defaults gets.
-    with FrontEnd("--repository", str(repository), "--scales", "64,96", log_dir=log_dir) as front:
+    with ServerProcess(
+        "--repository", str(repository), "--scales", "64,96", log_dir=log_dir
+    ) as front:
         yield front
 
 
@@ -77,7 +67,7 @@ def same(a: dict, b: dict) -> bool:
     return bool(np.allclose(pa, pb, rtol=0, atol=1e-6))
 
 
-BASE = smooth_image(120, 80, "RGB", seed=5)
+BASE = smooth_image(120, 80, seed=5)
 
 
 @pytest.mark.parametrize("orientation", [3, 6, 8])
@@ -125,7 +115,7 @@ def test_palette_image_is_converted_to_rgb(client, fmt):
 
 @pytest.mark.parametrize("fmt", ["GIF", "PNG", "WEBP"])
 def test_animated_image_gives_its_first_frame(client, fmt):
-    first, second = BASE, smooth_image(120, 80, "RGB", seed=6)
+    first, second = BASE, smooth_image(120, 80, seed=6)
     data = encode(first, fmt, save_all=True, append_images=[second], duration=100, loop=0)
     decoded = Image.open(io.BytesIO(data))
     assert getattr(decoded, "n_frames", 1) == 2

@@ -13,13 +13,12 @@ import sys
 import httpx
 import pytest
 
-from loadtest.checks import check_batch, check_classification
-from loadtest.imageset import build_image_set
-from loadtest.mix import Plan, choose_plan, server_info
 from loadtest.monitor import Sample, growth
-from loadtest.processes import FrontEnd
-
-from .conftest import ROOT
+from testkit import REPOSITORY_ROOT as ROOT
+from testkit.checks import check_batch, check_classification
+from testkit.images import build_image_set
+from testkit.processes import ServerProcess
+from testkit.request_mix import Plan, choose_plan, server_info
 
 SCALES = "64,96,128"
 # The script runs the interpreter these tests run in, wherever its virtual environment lies.
@@ -77,7 +76,7 @@ def test_run_fails_when_requests_fail(two_model_repository, tmp_path):
     """A server that refuses every classification (bad scales for its models) fails the run."""
     repository, _ = two_model_repository
     out = tmp_path / "results"
-    with FrontEnd(
+    with ServerProcess(
         "--repository",
         str(repository),
         "--scales",
@@ -114,7 +113,9 @@ def test_run_fails_when_requests_fail(two_model_repository, tmp_path):
 def server(two_model_repository, tmp_path_factory):
     repository, _ = two_model_repository
     log_dir = tmp_path_factory.mktemp("loadtest-logs")
-    with FrontEnd("--repository", str(repository), "--scales", SCALES, log_dir=log_dir) as front:
+    with ServerProcess(
+        "--repository", str(repository), "--scales", SCALES, log_dir=log_dir
+    ) as front:
         yield front
 
 

@@ -25,8 +25,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import negative_data_rejection, positive_data_acceptance
 
-from loadtest.imageset import build_image_set
-from loadtest.processes import FrontEnd, sample_resources
+from testkit.images import build_image_set
+from testkit.processes import ServerProcess, sample_resources
 
 IMAGES = [upload.data for upload in build_image_set()[:8]]
 VALID_SCALES = ("64", "96,128", "64,96,128", "128")
@@ -50,7 +50,7 @@ def api_server(two_model_repository, tmp_path_factory):
         "--max-pixels",
         "4000000",
     ]
-    with FrontEnd(*args, log_dir=log_dir) as front:
+    with ServerProcess(*args, log_dir=log_dir) as front:
         front.rss_at_start = sample_resources(front.pid).rss_bytes
         yield front
     assert "Traceback" not in front.log_path.read_text(), front.log_tail()

@@ -12,9 +12,10 @@ import httpx
 import numpy as np
 import pytest
 
-from .images import decoded, encode, jpeg, smooth_image
+from testkit.images import decoded, encode, jpeg, smooth_image
+from testkit.processes import ServerProcess, run_server_command
+
 from .reference import protocol_probs
-from .server_process import ServerProcess, run_server_cli
 
 TOLERANCE = 1e-5
 PREDICTION_KEYS = {"index", "label", "probability"}
@@ -272,7 +273,7 @@ def test_web_page_is_served_self_contained(client):
 
 
 def test_help_documents_every_flag():
-    result = run_server_cli("--help")
+    result = run_server_command("--help")
     assert result.returncode == 0
     for flag in (
         "--repository",
@@ -297,7 +298,7 @@ def test_missing_or_empty_repository_exits_with_one_line(tmp_path, kind):
     repo = tmp_path / "repo"
     if kind == "empty":
         repo.mkdir()
-    result = run_server_cli("--repository", str(repo), "--port", "18999")
+    result = run_server_command("--repository", str(repo), "--port", "18999")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -308,7 +309,7 @@ def test_missing_or_empty_repository_exits_with_one_line(tmp_path, kind):
 
 def test_bad_default_scales_exit_with_one_line(two_model_repository):
     repo, _ = two_model_repository
-    result = run_server_cli("--repository", str(repo), "--scales", "32", "--port", "18999")
+    result = run_server_command("--repository", str(repo), "--scales", "32", "--port", "18999")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip() == (
         "error: --scales: Q=32 is outside [64, 1024] (the smallest input m16, m19 accept is 64)"

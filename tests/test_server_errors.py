@@ -18,8 +18,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from export.repository import ModelInfo, write_model
-
-from .images import (
+from testkit.images import (
     decoded,
     encode,
     header_bomb,
@@ -29,8 +28,10 @@ from .images import (
     smooth_image,
     truncated,
 )
+from testkit.ports import free_port
+from testkit.processes import ServerProcess
+
 from .reference import protocol_probs
-from .server_process import ServerProcess, free_port
 
 LIMIT_MB = 1
 MAX_PIXELS = 4_000_000

@@ -22,12 +22,12 @@ from inference import read_repository
 from inference.backends.onnx_reader import GraphNotReadable, read_serving_module
 from inference.backends.torch import COMPILE_MODES, DTYPES, TorchBackend, load_modules
 from server.settings import TORCH_COMPILE_MODES, TORCH_DTYPES
+from testkit import REPOSITORY_ROOT as ROOT
+from testkit.images import jpeg
+from testkit.models import export_random_model
+from testkit.processes import ServerProcess, run_server_command
 
-from .conftest import ROOT
-from .images import jpeg
-from .server_process import ServerProcess, run_server_cli
-
-TOLERANCE = 1e-5  # fp32, CPU (the issue's bound)
+TOLERANCE = 1e-5  # fp32, CPU
 # (N, 3, H, W): square at the crop, 3:4 and 4:3 with flips, an odd pair, a batch of 3.
 SHAPES = [(1, 3, 64, 64), (2, 3, 64, 85), (2, 3, 128, 96), (2, 3, 101, 77), (3, 3, 96, 128)]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -67,32 +67,11 @@ def eager(entries):
 @pytest.fixture(scope="module")
 def other_exports(tmp_path_factory):
     """Small exports the two-model repository lacks: A-LRN (fp32) and VGG-16 in fp16."""
-    from export import to_onnx
-    from vgg.models import build
-
-    root = tmp_path_factory.mktemp("other-exports")
-    small = ["--width", "0.125", "--fc-width", "64", "--crop", "64"]
+    repository = tmp_path_factory.mktemp("other-exports") / "repo"
+    sizes = {"width": 0.125, "fc_width": 64, "crop": 64, "num_classes": 5}
     for name, arch, precision in (("alrn", "A-LRN", "fp32"), ("d16half", "vgg16", "fp16")):
-        torch.manual_seed(7)
-        weights = root / f"{name}.pth"
-        torch.save(
-            build(arch, width=0.125, fc_width=64, crop=64, num_classes=5).state_dict(), weights
-        )
-        args = [
-            "--arch",
-            arch,
-            "--weights",
-            str(weights),
-            "--name",
-            name,
-            "--repository",
-            str(root / "repo"),
-            "--precision",
-            precision,
-            *small,
-        ]
-        assert to_onnx.main(args) == 0
-    return root / "repo"
+        export_random_model(repository, arch, name, 7, sizes, precision=precision)
+    return repository
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -262,7 +241,7 @@ def test_server_refuses_to_start_on_an_int8_graph(two_model_repository, int8_gra
     repo, _ = two_model_repository
     shutil.copytree(repo / "m16", tmp_path / "repo" / "m16")
     shutil.copy(int8_graph, tmp_path / "repo" / "m16" / "1" / "model.onnx")
-    result = run_server_cli("--repository", str(tmp_path / "repo"), "--backend", "torch")
+    result = run_server_command("--repository", str(tmp_path / "repo"), "--backend", "torch")
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: --backend torch cannot run ")
@@ -272,7 +251,7 @@ def test_server_refuses_to_start_on_an_int8_graph(two_model_repository, int8_gra
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
 def test_server_without_cuda_refuses_torch_device_cuda(two_model_repository):
     repo, _ = two_model_repository
-    result = run_server_cli(
+    result = run_server_command(
         "--repository", str(repo), "--backend", "torch", "--torch-device", "cuda"
     )
     assert result.returncode == 2
@@ -280,7 +259,7 @@ def test_server_without_cuda_refuses_torch_device_cuda(two_model_repository):
 
 
 def test_bad_warmup_sizes_are_refused():
-    result = run_server_cli("--backend", "torch", "--torch-warmup", "640by480")
+    result = run_server_command("--backend", "torch", "--torch-warmup", "640by480")
     assert result.returncode == 2
     assert "WIDTHxHEIGHT" in result.stderr
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: small VGG variants and weights files built here (nothing is downloaded)."""
+"""Fixtures shared by several test modules: small models built here (nothing is downloaded) and
+one real tritonserver for the session. Helpers that are not fixtures live in ``testkit``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from testkit.models import SMALL, write_small_repository
+from testkit.processes import start_triton
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +36,18 @@ def two_model_repository(tmp_path_factory):
     # Served at the paper's scales by default: the tests check the protocol there.
     models = write_small_repository(repository, scales=(256, 384, 512), weights_dir=root)
     return repository, models
+
+
+@pytest.fixture(scope="session")
+def triton_server(two_model_repository):
+    """One real tritonserver for the session, serving the twin of the two small models.
+
+    Tests that kill Triton start their own (``testkit.processes.start_triton``).
+    """
+    repository, _ = two_model_repository
+    # Runs of at most 4 requests of 2 x 224 x 256: the batching test then also exercises the
+    # model's splitting of a large batch into several ONNX Runtime runs.
+    limit = {"VGGSERVE_TRITON_MAX_RUN_PIXELS": str(4 * 2 * 224 * 256)}
+    server = start_triton(repository, environment=limit)
+    yield server
+    server.close()

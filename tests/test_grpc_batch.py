@@ -21,8 +21,6 @@ from testkit.images import smooth_image
 from testkit.ports import free_ports
 from testkit.processes import start_triton
 
-from .test_triton_launcher import triton_server  # noqa: F401
-
 SCALES = "64,96,128"
 IMAGES = 40  # the CI size; the issue's 200-image check is the same code (see the report)
 UNREADABLE = {
@@ -130,7 +128,7 @@ def job_args(folder: Path, url: str, repository: Path, out: Path, *extra: str) -
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(triton_server, two_model_repository, image_folder, tmp_path_factory):  # noqa: F811
+def uninterrupted(triton_server, two_model_repository, image_folder, tmp_path_factory):
     """One plain run over the folder: (results, errors, stderr)."""
     repository, _ = two_model_repository
     out = tmp_path_factory.mktemp("full") / "results.jsonl"
@@ -177,11 +175,7 @@ def test_every_image_once_with_the_in_process_results(
 
 
 def test_killed_halfway_and_resumed_gives_the_uninterrupted_result_set(
-    triton_server,  # noqa: F811
-    two_model_repository,
-    image_folder,
-    uninterrupted,
-    tmp_path,
+    triton_server, two_model_repository, image_folder, uninterrupted, tmp_path
 ):
     repository, _ = two_model_repository
     out = tmp_path / "results.jsonl"
@@ -235,11 +229,7 @@ def test_triton_killed_mid_run_the_job_still_completes(
 
 
 def test_triton_down_stops_early_then_resume_finishes(
-    triton_server,  # noqa: F811
-    two_model_repository,
-    image_folder,
-    uninterrupted,
-    tmp_path,
+    triton_server, two_model_repository, image_folder, uninterrupted, tmp_path
 ):
     repository, _ = two_model_repository
     out = tmp_path / "results.jsonl"
@@ -260,11 +250,7 @@ def test_triton_down_stops_early_then_resume_finishes(
 
 
 def test_shards_split_the_job_without_overlap(
-    triton_server,  # noqa: F811
-    two_model_repository,
-    image_folder,
-    uninterrupted,
-    tmp_path,
+    triton_server, two_model_repository, image_folder, uninterrupted, tmp_path
 ):
     repository, _ = two_model_repository
     parts = []
@@ -285,11 +271,7 @@ def test_shards_split_the_job_without_overlap(
 
 
 def test_shared_memory_gives_the_same_results(
-    triton_server,  # noqa: F811
-    two_model_repository,
-    image_folder,
-    uninterrupted,
-    tmp_path,
+    triton_server, two_model_repository, image_folder, uninterrupted, tmp_path
 ):
     repository, _ = two_model_repository
     results, _, _ = uninterrupted

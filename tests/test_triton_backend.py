@@ -18,8 +18,6 @@ from testkit.images import smooth_image
 from testkit.ports import free_ports
 from testkit.processes import start_triton
 
-from .test_triton_launcher import triton_server  # noqa: F401
-
 SCALES = (64, 96, 128)
 
 
@@ -58,7 +56,7 @@ def assert_same_classification(actual, expected) -> None:
         ((100, 100), ClassifyOptions(scales=(96,), flip=False, models=("m19",))),
     ],
 )
-def test_results_equal_the_in_process_backend(triton_server, models, reference, size, options):  # noqa: F811
+def test_results_equal_the_in_process_backend(triton_server, models, reference, size, options):
     image = smooth_image(*size, seed=sum(size))
 
     async def both():
@@ -80,7 +78,7 @@ def test_results_equal_the_in_process_backend(triton_server, models, reference, 
         )
 
 
-def test_only_requested_outputs_come_back(triton_server, models, reference):  # noqa: F811
+def test_only_requested_outputs_come_back(triton_server, models, reference):
     images = np.asarray(smooth_image(100, 80, seed=3))[None].transpose(0, 3, 1, 2).copy()
 
     async def run():
@@ -106,7 +104,7 @@ def _executions(url: str, model: str) -> tuple[int, int, dict[int, int]]:
     return stats.inference_count, stats.execution_count, sizes
 
 
-def test_concurrent_equal_shapes_are_batched_and_stay_correct(triton_server, models, reference):  # noqa: F811
+def test_concurrent_equal_shapes_are_batched_and_stay_correct(triton_server, models, reference):
     rng = np.random.default_rng(7)
     batches = [rng.integers(0, 256, (2, 3, 224, 256), dtype=np.uint8) for _ in range(12)]
     before = _executions(triton_server.grpc_url, "m19")
@@ -151,7 +149,7 @@ def test_triton_down_raises_backend_unavailable(models):
     assert "make triton" in message
 
 
-def test_a_model_triton_does_not_serve_is_unavailable(triton_server, models):  # noqa: F811
+def test_a_model_triton_does_not_serve_is_unavailable(triton_server, models):
     ghost = {**models, "ghost": dataclasses.replace(models["m16"], name="ghost")}
     backend = TritonBackend(triton_server.grpc_url, ghost)
     images = np.zeros((1, 3, 64, 64), np.uint8)
@@ -170,7 +168,7 @@ def test_a_model_triton_does_not_serve_is_unavailable(triton_server, models):  #
     asyncio.run(run())
 
 
-def test_timeout_is_a_clear_unavailable(triton_server, models):  # noqa: F811
+def test_timeout_is_a_clear_unavailable(triton_server, models):
     backend = TritonBackend(triton_server.grpc_url, models, timeout_s=0.001)
     images = np.zeros((2, 3, 512, 512), np.uint8)
 

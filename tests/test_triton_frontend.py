@@ -14,8 +14,6 @@ import numpy as np
 from testkit.images import jpeg
 from testkit.processes import ServerProcess, local_triton
 
-from .test_triton_launcher import triton_server  # noqa: F401
-
 PARAMS = {"scales": "64,96,128", "top_k": 10}
 
 
@@ -24,7 +22,7 @@ def classify(url: str, data: bytes, **params) -> httpx.Response:
     return httpx.post(f"{url}/v1/classify", params={**PARAMS, **params}, files=files, timeout=60)
 
 
-def test_same_answers_as_the_embedded_backend(triton_server, two_model_repository, tmp_path):  # noqa: F811
+def test_same_answers_as_the_embedded_backend(triton_server, two_model_repository, tmp_path):
     repository, _ = two_model_repository
     common = ["--repository", str(repository)]
     images = [

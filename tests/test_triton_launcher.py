@@ -1,8 +1,4 @@
-"""The local Triton launcher: the twin repository, the real tritonserver, starting and stopping.
-
-Also home of the Triton fixture the other Triton test modules import (``triton_server``): one
-real server per test session, started over the twin of ``two_model_repository``.
-"""
+"""The local Triton launcher: the twin repository, the real tritonserver, starting and stopping."""
 
 from __future__ import annotations
 
@@ -26,29 +22,6 @@ from testkit.ports import free_ports
 from testkit.processes import start_triton
 from tritonlocal import LocalTriton, TritonStartError, port_is_free, twin_config, write_twin
 from tritonlocal.twin import MODEL_TEMPLATE
-
-_servers: dict[str, LocalTriton] = {}
-
-
-@pytest.fixture(scope="session")
-def triton_server(two_model_repository):
-    """One tritonserver for the whole session, serving the twin of the two small models.
-
-    Test modules that import this fixture get their own fixture definition; the server itself
-    is shared through ``_servers``. Tests that kill Triton start their own with start_triton.
-    """
-    repository, _ = two_model_repository
-    key = str(repository)
-    if key not in _servers or not _servers[key].running():
-        # Runs of at most 4 requests of 2 x 224 x 256: the batching test then also exercises
-        # the model's splitting of a large batch into several ONNX Runtime runs.
-        limit = {"VGGSERVE_TRITON_MAX_RUN_PIXELS": str(4 * 2 * 224 * 256)}
-        _servers[key] = start_triton(repository, environment=limit)
-    yield _servers[key]
-    server = _servers.pop(key, None)
-    if server is not None:
-        server.close()
-
 
 # --- the twin: one source of truth --------------------------------------------------------------
 

@@ -7,6 +7,7 @@
 - :mod:`testkit.models`: the small VGG models and their repository; random-weight exports.
 - :mod:`testkit.checks`: what a correct classify response looks like.
 - :mod:`testkit.request_mix`: the query parameters clients of the API send, drawn at random.
+- :mod:`testkit.logs`: what an app running in this process logs, as text.
 - :mod:`testkit.killed_export`: ``python -m testkit.killed_export``, an export that SIGKILLs
   itself at a chosen file-system step.
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from testkit.logs import recorded_logs
 from testkit.models import SMALL, write_small_repository
 from testkit.processes import start_triton
 
@@ -36,6 +37,14 @@ def two_model_repository(tmp_path_factory):
     # Served at the paper's scales by default: the tests check the protocol there.
     models = write_small_repository(repository, scales=(256, 384, 512), weights_dir=root)
     return repository, models
+
+
+@pytest.fixture(scope="module")
+def app_log():
+    """What apps running in this process log during the module (records that reach the root
+    logger: the app's "server" logger and the frameworks'), tracebacks included."""
+    with recorded_logs() as recorded:
+        yield recorded
 
 
 @pytest.fixture(scope="session")

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import re
+from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
 from inference import Classifier, ClassifyOptions, read_repository
 from inference.backends.onnxruntime import OnnxRuntimeBackend
 from inference.batching import MicroBatcher
 from inference.protocol import dense_batch, rescaled_size
+from server.main import create_app
+from server.settings import Settings
 from testkit.images import png, smooth_image
-from testkit.processes import ServerProcess, run_server_command
+from testkit.processes import run_server_command
 
 
 class Recording:
@@ -163,7 +166,7 @@ def test_shape_multiple_makes_few_shapes_from_many_aspect_ratios(served):
     assert asyncio.run(shapes(None)) == [(64, 97), (64, 101), (110, 64), (90, 64)]
 
 
-def test_server_with_batching_and_buckets_answers_like_the_library(two_model_repository, tmp_path):
+def test_server_with_batching_and_buckets_answers_like_the_library(two_model_repository):
     repo, _ = two_model_repository
     images = [smooth_image(90 + 13 * i, 70, seed=i) for i in range(4)]
     uploads = [png(image) for image in images]
@@ -176,29 +179,18 @@ def test_server_with_batching_and_buckets_answers_like_the_library(two_model_rep
         return [(await classifier.classify(i, ClassifyOptions())).probabilities for i in images]
 
     expected = asyncio.run(reference())
-    flags = (
-        "--scales",
-        "64,96",
-        "--shape-multiple",
-        "32",
-        "--batch-delay-ms",
-        "20",
-        "--jpeg-draft",
+    settings = Settings(
+        repository=repo, scales=(64, 96), shape_multiple=32, batch_delay_ms=20, jpeg_draft=True
     )
-    with ServerProcess("--repository", str(repo), *flags, log_dir=tmp_path) as server:
+    with TestClient(create_app(settings)) as client:
 
-        async def post_all():
-            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-                return await asyncio.gather(
-                    *(
-                        client.post("/v1/classify", params={"top_k": 10}, files={"file": data})
-                        for data in uploads
-                    )
-                )
+        def post(data: bytes):
+            return client.post("/v1/classify", params={"top_k": 10}, files={"file": data})
 
-        responses = asyncio.run(post_all())
-        listing = httpx.get(f"{server.url}/v1/models").json()
-        metrics = httpx.get(f"{server.url}/metrics").text
+        with ThreadPoolExecutor(len(uploads)) as pool:  # all four in flight together
+            responses = list(pool.map(post, uploads))
+        listing = client.get("/v1/models").json()
+        metrics = client.get("/metrics").text
     assert listing["shape_multiple"] == 32
     # 4 requests x 2 models x 2 scales, each 2 views; every view counted once, in fewer runs.
     views = float(re.search(r"^vggserve_batch_views_sum (\S+)$", metrics, re.M).group(1))

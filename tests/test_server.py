@@ -1,4 +1,5 @@
-"""The HTTP front end over real HTTP: ``python -m server`` on a real port, two small models.
+"""The HTTP API of the front end, in process (FastAPI's TestClient), two small models; and the
+command line's ``--help`` and start-up failures, as a real ``python -m server``.
 
 Numbers are checked against the independent PyTorch reference (``tests/reference.py``).
 """
@@ -8,12 +9,14 @@ from __future__ import annotations
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
+from server.main import create_app
+from server.settings import Settings
 from testkit.images import decoded, encode, jpeg, smooth_image
-from testkit.processes import ServerProcess, run_server_command
+from testkit.processes import run_server_command
 
 from .reference import protocol_probs
 
@@ -32,16 +35,10 @@ RESPONSE_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def server(two_model_repository, tmp_path_factory):
+def client(two_model_repository):
     repo, _ = two_model_repository
-    with ServerProcess("--repository", str(repo), log_dir=tmp_path_factory.mktemp("log")) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
+    with TestClient(create_app(Settings(repository=repo))) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +47,7 @@ def torch_models(two_model_repository):
     return models
 
 
-def classify(client: httpx.Client, data: bytes, name: str = "image.jpg", **params):
+def classify(client: TestClient, data: bytes, name: str = "image.jpg", **params):
     return client.post("/v1/classify", params=params, files={"file": (name, data, "image/jpeg")})
 
 

@@ -7,25 +7,27 @@ ones (bf16 vs fp32, inductor with CUDA graphs) run where a GPU is visible.
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import subprocess
 import sys
 
-import httpx
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from inference import read_repository
 from inference.backends.onnx_reader import GraphNotReadable, read_serving_module
 from inference.backends.torch import COMPILE_MODES, DTYPES, TorchBackend, load_modules
-from server.settings import TORCH_COMPILE_MODES, TORCH_DTYPES
+from server.main import create_app
+from server.settings import TORCH_COMPILE_MODES, TORCH_DTYPES, Settings
 from testkit import REPOSITORY_ROOT as ROOT
 from testkit.images import jpeg
 from testkit.models import export_random_model
-from testkit.processes import ServerProcess, run_server_command
+from testkit.processes import run_server_command
 
 TOLERANCE = 1e-5  # fp32, CPU
 # (N, 3, H, W): square at the crop, 3:4 and 4:3 with flips, an odd pair, a batch of 3.
@@ -279,25 +281,24 @@ def test_onnxruntime_server_never_imports_torch(two_model_repository):
 # --- the HTTP front end on --backend torch ------------------------------------------------------
 
 
-def test_server_on_torch_answers_like_onnxruntime(two_model_repository, tmp_path):
+def test_server_on_torch_answers_like_onnxruntime(two_model_repository, caplog):
     repo, _ = two_model_repository
     data = jpeg(320, 240, seed=11)
     params = {"scales": "64,96,128", "heatmap": "true", "top_k": 10}
     bodies = {}
+    caplog.set_level(logging.INFO, logger="server")
     for backend in ("onnxruntime", "torch"):
-        extra = ["--torch-warmup", "320x240"] if backend == "torch" else []
-        args = ["--repository", str(repo), "--backend", backend, *extra]
-        with ServerProcess(*args, log_dir=tmp_path) as server:
-            response = httpx.post(
-                f"{server.url}/v1/classify",
-                params=params,
-                timeout=60,
-                files={"file": ("i.jpg", data, "image/jpeg")},
+        warmup = ((320, 240),) if backend == "torch" else ()
+        settings = Settings(repository=repo, backend=backend, torch_warmup=warmup)
+        caplog.clear()
+        with TestClient(create_app(settings)) as client:
+            response = client.post(
+                "/v1/classify", params=params, files={"file": ("i.jpg", data, "image/jpeg")}
             )
             assert response.status_code == 200, response.text
             bodies[backend] = response.json()
-            models = httpx.get(f"{server.url}/v1/models", timeout=10).json()
-            log = server.log()
+            models = client.get("/v1/models").json()
+            log = caplog.text
         if backend == "torch":
             assert all(m["backend"] == "torch" for m in models["models"])
             assert "torch backend on cpu, fp32, compile off" in log

@@ -75,7 +75,7 @@ triton: venv
 		--grpc-port $(TRITON_GRPC_PORT) --metrics-port $(TRITON_METRICS_PORT)
 
 # Locust against the HTTP front end (loadtest/run.sh --help): a server on a free port of
-# 17000-17999 (two small VGGs unless LOADTEST_ARGS names --repository), Locust headless, CSV
+# 20000-29999 (two small VGGs unless LOADTEST_ARGS names --repository), Locust headless, CSV
 # statistics and p50/p95/p99 in loadtest/results/. soak: 10 minutes, RSS and open files must
 # stay flat after warm-up (figures in docs/reliability.md).
 LOADTEST_ARGS ?=

@@ -1,6 +1,6 @@
 """What the two opt-in speed-ups cost in accuracy: ``--shape-multiple`` and ``--jpeg-draft``.
 
-    python bench/approximations.py            # after make demo-models (about 2 minutes here)
+    python -m bench.approximations            # after make demo-models (about 2 minutes here)
 
 Both are measured on the trained demo models (demo-vgg16 + demo-vgg19, fused, dense Q = 64, 96,
 128 with flips) against the exact protocol, on images they were not trained on:
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import statistics
 import sys
 import time
@@ -28,15 +27,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from inference import Classifier, ClassifyOptions, read_repository  # noqa: E402
-from inference.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
-from inference.images import decode_image  # noqa: E402
-from inference.protocol import rescaled_size  # noqa: E402
-from train import synthetic  # noqa: E402
-from train.data import scan_folder  # noqa: E402
+from inference import Classifier, ClassifyOptions, read_repository
+from inference.backends.onnxruntime import OnnxRuntimeBackend
+from inference.images import decode_image
+from inference.protocol import rescaled_size
+from testkit import REPOSITORY_ROOT as ROOT
+from testkit.images import encode
+from train import synthetic
+from train.data import scan_folder
 
 SCALES = (64, 96, 128)
 MODELS = ("demo-vgg16", "demo-vgg19")
@@ -98,9 +96,7 @@ def jpeg_draft(args, served, labels_of) -> None:
     for index in range(args.jpeg_images):
         label = synthetic.label_of(index, config.classes)
         image, _ = synthetic.draw_image(label, synthetic.image_rng(1234, "val", index), config)
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=90)
-        datas.append(buffer.getvalue())
+        datas.append(encode(image, "JPEG", quality=90))
         labels.append(labels_of[synthetic.CLASSES[label]])
     labels = np.array(labels)
     backend = OnnxRuntimeBackend(served)

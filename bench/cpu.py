@@ -8,7 +8,7 @@ Full-size networks with seeded random weights (no ImageNet weights are needed or
 exported into a temporary repository: fp32 with ``export/to_onnx.py``, int8 with
 ``export.quantize`` (calibrated on generated 640x480 images at the same scales; random weights
 give near-uniform posteriors, so the export's int8-vs-fp32 agreement check is not applied here:
-accuracy is measured on trained models by ``bench/int8_accuracy.py``). Each image is evaluated
+accuracy is measured on trained models by ``python -m bench.int8_accuracy``). Each image is evaluated
 densely per the paper (every Q, the image and its flip as one batch of 2) by the three engines
 in turn, image after image, so load from other jobs falls on all three alike. Printed: the
 median seconds per image of each engine, images/s, GFLOP/s (fp32-equivalent) and the ratios.
@@ -17,7 +17,6 @@ median seconds per image of each engine, images/s, GFLOP/s (fp32-equivalent) and
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -25,28 +24,26 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from common import export_random, jpeg_images, machine
 
+from bench.report import load_average, machine
 from export import quantize
 from export.graph import ServingGraph
 from export.repository import ModelInfo, write_model
 from inference import decode_image, read_repository
 from inference.backends.onnxruntime import session_options
 from inference.protocol import dense_batch, parse_scales
+from testkit.images import jpeg
+from testkit.models import export_random_model
 from vgg.convert import to_fully_conv
 from vgg.models import build
 
 ENGINES = ("PyTorch eager fp32", "ONNX Runtime fp32", "ONNX Runtime int8")
 
 
-def load_average() -> str:
-    return "/".join(f"{x:.1f}" for x in os.getloadavg())
-
-
 def prepare(workdir: Path, arch: str, calibration: list[Path], scales: tuple[int, ...]) -> dict:
     """Export ``arch`` (random weights) in fp32 and int8; returns the engines' runners."""
     started = time.perf_counter()
-    repo = export_random(workdir, arch, arch, small=False)
+    repo = export_random_model(workdir / "repo", arch, arch, seed=0)
     fp32_entry = read_repository(repo, [arch])[arch]
     fp32_bytes = fp32_entry.onnx_path.read_bytes()
     exported = time.perf_counter()
@@ -75,7 +72,7 @@ def prepare(workdir: Path, arch: str, calibration: list[Path], scales: tuple[int
         )
         for precision, entry in zip(("fp32", "int8"), entries.values(), strict=True)
     }
-    torch.manual_seed(0)  # the same weights export_random wrote
+    torch.manual_seed(0)  # the same weights export_random_model wrote
     graph = ServingGraph(to_fully_conv(build(arch)).eval(), fp32_entry.mean, fp32_entry.std)
 
     def eager(batch: np.ndarray) -> np.ndarray:
@@ -127,13 +124,13 @@ def main() -> None:
     scales = parse_scales(args.scales)
     models = args.models.split(",")
     print(f"{machine()}; load average {load_average()} at the start", flush=True)
-    images = [decode_image(data) for data in jpeg_images(args.images + 1, seed=1)]
+    images = [decode_image(jpeg(640, 480, seed=1 + i)) for i in range(args.images + 1)]
     with tempfile.TemporaryDirectory(prefix="vggserve-bench-cpu-") as temporary:
         work = args.workdir or Path(temporary)
         calibration_dir = work / "calibration"
         calibration_dir.mkdir(parents=True, exist_ok=True)
-        for i, data in enumerate(jpeg_images(args.calibration_images, seed=1000)):
-            (calibration_dir / f"{i:03d}.jpg").write_bytes(data)
+        for i in range(args.calibration_images):
+            (calibration_dir / f"{i:03d}.jpg").write_bytes(jpeg(640, 480, seed=1000 + i))
         calibration = sorted(calibration_dir.glob("*.jpg"))
         rows = []
         for arch in models:

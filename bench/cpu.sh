@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # VGG-16 and VGG-19 dense multi-scale evaluation on this CPU: ONNX Runtime fp32 vs int8 vs
-# PyTorch eager, as ratios measured in one run (bench/cpu.py --help for the options).
+# PyTorch eager, as ratios measured in one run (bench/cpu.sh --help for the options).
 # Defaults (Q = 256,384,512 with flips, 3 images per model after one warm-up image) take about
 # 4-5 minutes on 2 cores (3.6 min with 2 images at load average 2-5), a third of it exporting
 # and quantising the full-size models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
-exec "$PYTHON" bench/cpu.py "$@"
+exec "$PYTHON" -m bench.cpu "$@"

@@ -1,4 +1,4 @@
-"""The GPU benchmark of issue 7, one run in under 5 minutes: ``bench/gpu.sh OUT_DIR``.
+"""The GPU benchmark, one run in under 5 minutes: ``bench/gpu.sh OUT_DIR``.
 
     bench/gpu.sh bench/results/gpu              # on a CUDA machine (an H200 here)
     bench/gpu.sh bench/results/dry --dry-run    # the same code path, tiny, on the CPU
@@ -6,7 +6,7 @@
 What one run measures, all against a bf16 matrix-product peak measured in the same run
 (``torch.matmul`` 8192^3, best of several):
 
-1. VGG-16 and VGG-19 with random weights, exported in the run (``export/to_onnx.py``) into a
+1. VGG-16 and VGG-19 with random weights, exported in the run (``testkit.models``) into a
    temporary repository; dense evaluation at Q = 256, 384, 512 with flips of a 4:3 image
    (512x384 source), batch 1 and 32 images: images/s and TFLOP/s (FLOPs counted exactly from
    the conv shapes) for PyTorch eager bf16 channels-last (the baseline a user would write) and
@@ -26,25 +26,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import http.client
 import importlib.util
-import io
 import json
+import multiprocessing
 import os
 import platform
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# The toolkit's root and processes import only the standard library: the dependency check below
+# still runs on a machine that lacks the rest.
+from testkit import REPOSITORY_ROOT
+from testkit.processes import ServerProcess
 
 # What the run imports beyond PyTorch, ONNX and ONNX Runtime (bench/gpu.sh brings wheels).
 REQUIRED_MODULES = (
@@ -90,8 +91,7 @@ class Profile:
     iterations: dict[int, int]  # timed pipeline passes per batch size
     compile_modes: tuple[str, ...]  # the first is the backend's default and always runs
     peak_size: int
-    export_flags: tuple[str, ...] = ()
-    arch_overrides: dict = field(default_factory=dict)
+    arch_overrides: dict = field(default_factory=dict)  # vgg.models.build sizes (none: full)
     http_clients: int = 32
     http_requests: int = 256
     stream_scale: float = 1.0  # stream image sizes are STREAM_SIZES times this
@@ -120,7 +120,6 @@ DRY_RUN = Profile(
     iterations={1: 2, 4: 1},
     compile_modes=("off",),
     peak_size=1024,
-    export_flags=("--width", "0.125", "--fc-width", "64", "--crop", "64"),
     arch_overrides={"width": 0.125, "fc_width": 64, "crop": 64},
     http_clients=4,
     http_requests=8,
@@ -229,45 +228,35 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def export_logged(workdir: Path, repo: Path, arch: str, seed: int, overrides: dict) -> None:
+    """Export ``arch`` with random weights (seed ``seed``) into ``repo``; its weights stay in
+    ``workdir/ARCH.pth`` (the eager baseline loads them), its output in ``workdir``."""
+    from testkit.models import export_random_model
+
+    with (
+        open(workdir / f"export-{arch}.log", "w") as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+    ):
+        export_random_model(repo, arch, arch, seed, overrides, weights_path=workdir / f"{arch}.pth")
+
+
 def export_models(profile: Profile, workdir: Path, archs: list[str]) -> Path:
     """Random-weight exports of ``archs`` into ``workdir/repo``, in parallel processes."""
-    import torch
-
-    from vgg.models import build
-
     repo = workdir / "repo"
-    processes = []
-    for index, arch in enumerate(archs):
-        torch.manual_seed(index)
-        weights = workdir / f"{arch}.pth"
-        torch.save(build(arch, **profile.arch_overrides).state_dict(), weights)
-        command = [
-            sys.executable,
-            "export/to_onnx.py",
-            "--arch",
-            arch,
-            "--weights",
-            str(weights),
-            "--name",
-            arch,
-            "--repository",
-            str(repo),
-            *profile.export_flags,
-        ]
-        log_file = open(workdir / f"export-{arch}.log", "w")  # noqa: SIM115 (closed below)
-        processes.append(
-            (
-                arch,
-                subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT),
-                log_file,
-            )
-        )
-    for arch, process, log_file in processes:
-        code = process.wait()
-        log_file.close()
-        if code != 0:
-            tail = (workdir / f"export-{arch}.log").read_text()[-2000:]
-            raise SystemExit(f"error: export of {arch} failed ({code}):\n{tail}")
+    # Spawned, not forked: this process has initialised CUDA (the peak measurement).
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(len(archs), mp_context=context) as pool:
+        exports = {
+            arch: pool.submit(export_logged, workdir, repo, arch, seed, profile.arch_overrides)
+            for seed, arch in enumerate(archs)
+        }
+        for arch, export in exports.items():
+            try:
+                export.result()
+            except Exception as exc:
+                tail = (workdir / f"export-{arch}.log").read_text()[-2000:]
+                raise SystemExit(f"error: export of {arch} failed ({exc}):\n{tail}") from None
     return repo
 
 
@@ -446,19 +435,6 @@ def empty_cache(device) -> None:
 # --- the HTTP front end ------------------------------------------------------------------------
 
 
-def jpeg_of_size(width: int, height: int, seed: int) -> bytes:
-    """A smooth random colour field (photo-like) of the given size, as JPEG."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (max(2, height // 16), max(2, width // 16), 3), dtype=np.uint8)
-    image = Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
-
-
 def multipart(data: bytes) -> tuple[bytes, str]:
     boundary = f"vggservebench{os.getpid()}"
     head = (
@@ -471,59 +447,24 @@ def multipart(data: bytes) -> tuple[bytes, str]:
     )
 
 
-class Server:
-    """``python -m server`` on a free loopback port; its log goes to the output folder."""
+def server_process(
+    profile: Profile, args: list[str], log_dir: Path, budget: Budget
+) -> ServerProcess:
+    """``python -m server ARGS`` on a free loopback port, counted as started once its backend is
+    ready (``/readyz``); its log goes to ``log_dir``."""
+    start_timeout = min(profile.server_start_s, budget.left())
+    return ServerProcess(*args, log_dir=log_dir, start_timeout=start_timeout, health_path="/readyz")
 
-    def __init__(self, args: list[str], log_path: Path, start_s: float) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.args = [sys.executable, "-m", "server", "--port", str(self.port), *args]
-        self.log_path, self.start_s = log_path, start_s
 
-    def __enter__(self) -> Server:
-        self.log_file = open(self.log_path, "w")  # noqa: SIM115 (closed in __exit__)
-        started = time.monotonic()
-        self.process = subprocess.Popen(
-            self.args,
-            cwd=ROOT,
-            stdout=self.log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        while time.monotonic() - started < self.start_s:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with {self.process.returncode}; see {self.log_path}"
-                )
-            try:
-                if self.get("/readyz")[0] == 200:
-                    self.start_seconds = time.monotonic() - started
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.25)
-        self.__exit__()
-        raise RuntimeError(f"server not ready in {self.start_s:.0f} s; see {self.log_path}")
-
-    def __exit__(self, *_exc) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log_file.close()
-
-    def get(self, path: str) -> tuple[int, bytes]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-        try:
-            connection.request("GET", path)
-            response = connection.getresponse()
-            return response.status, response.read()
-        finally:
-            connection.close()
+def get(port: int, path: str) -> tuple[int, bytes]:
+    """``GET path`` on the loopback server at ``port``: the status and the body."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
 
 
 class Client:
@@ -585,17 +526,17 @@ def bench_http(profile, repo, arch, out, results, budget) -> None:
     """Images/s through POST /v1/classify with many clients, and one-at-a-time latency."""
     import numpy as np
 
+    from testkit.images import jpeg
+
     mode = profile.compile_modes[0]
-    images = [jpeg_of_size(*profile.source, seed=i) for i in range(8)]
+    images = [jpeg(*profile.source, seed=i) for i in range(8)]
     scales = ",".join(map(str, profile.scales))
     # Micro-batches as large as the backend's batch-32 runs (64 views), where the server has them.
     extra = ["--max-batch", str(2 * max(profile.batches))] if server_has_flag("--max-batch") else []
-    with Server(
-        server_args(profile, repo, arch, mode, extra),
-        out / f"server-http-{arch}.log",
-        min(profile.server_start_s, budget.left()),
-    ) as server:
-        client = Client(server.port, f"scales={scales}&flip=true")
+    with server_process(
+        profile, server_args(profile, repo, arch, mode, extra), out / f"http-{arch}", budget
+    ) as running:
+        client = Client(running.port, f"scales={scales}&flip=true")
         for data in images[:3]:  # the warm-up covered the shapes; this warms the connections
             client.classify(data)
         latencies = [client.classify(images[i % len(images)])[0] for i in range(10)]
@@ -623,7 +564,7 @@ def bench_http(profile, repo, arch, out, results, budget) -> None:
         "images_per_s": profile.http_requests / seconds,
         "tflops": flops * profile.http_requests / seconds / 1e12,
         "latency_ms_p50_one_client": float(np.median(latencies)) * 1e3,
-        "server_start_s": server.start_seconds,
+        "server_start_s": running.start_seconds,
         "vs_backend_best": (profile.http_requests / seconds / best_backend)
         if best_backend
         else None,
@@ -638,7 +579,10 @@ def bench_http(profile, repo, arch, out, results, budget) -> None:
 
 def server_has_flag(flag: str) -> bool:
     result = subprocess.run(
-        [sys.executable, "-m", "server", "--help"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "server", "--help"],
+        cwd=REPOSITORY_ROOT,
+        capture_output=True,
+        text=True,
     )
     return flag in result.stdout
 
@@ -648,13 +592,14 @@ def bench_stream(profile, repo, arch, out, results, budget, multiple: int | None
     import numpy as np
 
     from inference import rescaled_size
+    from testkit.images import jpeg
 
     sizes = [
         (round(w * profile.stream_scale), round(h * profile.stream_scale)) for w, h in STREAM_SIZES
     ]
     rng = np.random.default_rng(0)
     order = [i for _ in range(profile.stream_repeats) for i in rng.permutation(len(sizes))]
-    images = {i: jpeg_of_size(*sizes[i], seed=100 + i) for i in set(order)}
+    images = {i: jpeg(*sizes[i], seed=100 + i) for i in set(order)}
     mode = profile.compile_modes[0]
     extra = ["--shape-multiple", str(multiple)] if multiple else []
     label = f"--shape-multiple {multiple}" if multiple else "exact rescaling"
@@ -666,13 +611,14 @@ def bench_stream(profile, repo, arch, out, results, budget, multiple: int | None
     seen: dict[tuple, int] = {}
     by_occurrence: dict[int, list[float]] = {}
     posteriors = []
-    with Server(
+    with server_process(
+        profile,
         server_args(profile, repo, arch, mode, extra),
-        out / f"server-stream-{arch}-{multiple or 'exact'}.log",
-        min(profile.server_start_s, budget.left()),
-    ) as server:
-        classes = int(json.loads(server.get("/v1/models")[1])["models"][0]["classes"])
-        client = Client(server.port, f"scales={scales}&flip=true&top_k={classes}")
+        out / f"stream-{arch}-{multiple or 'exact'}",
+        budget,
+    ) as running:
+        classes = int(json.loads(get(running.port, "/v1/models")[1])["models"][0]["classes"])
+        client = Client(running.port, f"scales={scales}&flip=true&top_k={classes}")
         for index in order:
             key = shapes_of(sizes[index])
             occurrence = seen[key] = seen.get(key, 0) + 1
@@ -693,7 +639,7 @@ def bench_stream(profile, repo, arch, out, results, budget, multiple: int | None
         "first_ms_max": float(np.max(by_occurrence[1])),
         "second_ms_mean": float(np.mean(by_occurrence[2])) if 2 in by_occurrence else None,
         "steady_ms_p50": float(np.median(steady)) if steady else None,
-        "server_start_s": server.start_seconds,
+        "server_start_s": running.start_seconds,
     }
     results.data["stream"].append(row)
     log(

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark of issue 7 in one run of under 5 minutes (see bench/gpu.py):
+# The GPU benchmark in one run of under 5 minutes (see bench/gpu.py):
 #
 #   bench/gpu.sh OUT_DIR                 # on a CUDA machine: results.json, results.md, logs
 #   bench/gpu.sh OUT_DIR --dry-run       # the same code path, tiny models, on the CPU
@@ -37,18 +37,18 @@ if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
     exit 2
 fi
 
-if ! "$PYTHON" bench/gpu.py --check-deps 2>/dev/null; then
+if ! "$PYTHON" -m bench.gpu --check-deps 2>/dev/null; then
     if [ ! -d "$WHEELS" ]; then
-        "$PYTHON" bench/gpu.py --check-deps  # says what is missing
+        "$PYTHON" -m bench.gpu --check-deps  # says what is missing
         exit 2
     fi
     echo "installing the front end's dependencies from $WHEELS into $GPU_VENV (offline)" >&2
     "$PYTHON" -m venv --system-site-packages "$GPU_VENV"
     "$GPU_VENV/bin/python" -m pip install --quiet --no-index --find-links "$WHEELS" "${SERVING_DEPS[@]}"
     PYTHON=$GPU_VENV/bin/python
-    "$PYTHON" bench/gpu.py --check-deps
+    "$PYTHON" -m bench.gpu --check-deps
 fi
 
 # A hard stop at 5 minutes (VGGSERVE_BENCH_TIMEOUT seconds): SIGINT lets the run stop its
 # servers and delete its exports; the results of every finished step are already on disk.
-exec timeout --signal=INT --kill-after=15 "${VGGSERVE_BENCH_TIMEOUT:-300}" "$PYTHON" bench/gpu.py "$@"
+exec timeout --signal=INT --kill-after=15 "${VGGSERVE_BENCH_TIMEOUT:-300}" "$PYTHON" -m bench.gpu "$@"

@@ -1,7 +1,7 @@
 """HTTP front end vs the raw in-process backend, same model and images, one run.
 
-    .venv/bin/python bench/http_vs_backend.py                 # small VGG-16 and full VGG-16
-    .venv/bin/python bench/http_vs_backend.py --models small  # quick
+    .venv/bin/python -m bench.http_vs_backend                 # small VGG-16 and full VGG-16
+    .venv/bin/python -m bench.http_vs_backend --models small  # quick
 
 For each model: p50/p95 latency at concurrency 1 and throughput at saturation (several
 requests in flight), Q = 256,384,512 with flips, through (a) ``inference.Classifier`` on the
@@ -18,12 +18,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import ServerProcess, export_random, jpeg_images, machine, percentile
-
+from bench.report import machine, percentile
 from inference import Classifier, ClassifyOptions, decode_image, read_repository
 from inference.backends.onnxruntime import OnnxRuntimeBackend
+from testkit.images import jpeg
+from testkit.models import SMALL, export_random_model
+from testkit.processes import ServerProcess
 
-MODELS = {"small": ("vgg16", True), "vgg16": ("vgg16", False)}
+# name: (architecture, vgg.models.build sizes); both served at the paper's Q = 256,384,512.
+MODELS = {"small": ("vgg16", SMALL), "vgg16": ("vgg16", None)}
+SCALES = (256, 384, 512)
 
 
 def raw_backend(repo: Path, name: str, images: list[bytes], concurrency: int) -> dict:
@@ -57,7 +61,9 @@ def raw_backend(repo: Path, name: str, images: list[bytes], concurrency: int) ->
 def http(repo: Path, name: str, images: list[bytes], concurrency: int) -> dict:
     import requests
 
-    with ServerProcess("--repository", str(repo), "--models", name) as server:
+    with ServerProcess(
+        "--repository", str(repo), "--models", name, health_path="/readyz"
+    ) as server:
         session = requests.Session()
 
         def one(data: bytes) -> float:
@@ -97,10 +103,10 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     for key in args.models.split(","):
-        arch, small = MODELS[key]
-        repo = export_random(args.workdir / key, arch, key, small)
-        count = args.images or (40 if small else 8)
-        images = jpeg_images(count)
+        arch, overrides = MODELS[key]
+        repo = export_random_model(args.workdir / key / "repo", arch, key, 0, overrides, SCALES)
+        count = args.images or (40 if overrides else 8)
+        images = [jpeg(640, 480, seed=i) for i in range(count)]
         raw = raw_backend(repo, key, images, args.concurrency)
         over_http = http(repo, key, images, args.concurrency)
         rows.append((key, raw, over_http))

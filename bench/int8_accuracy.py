@@ -1,7 +1,7 @@
 """Accuracy cost of int8: the demo models in fp32 and int8 on the synthetic validation set.
 
-    .venv/bin/python bench/int8_accuracy.py                       # demo-vgg16 and demo-vgg19
-    .venv/bin/python bench/int8_accuracy.py --images 200          # quicker, fewer images
+    .venv/bin/python -m bench.int8_accuracy                       # demo-vgg16 and demo-vgg19
+    .venv/bin/python -m bench.int8_accuracy --images 200          # quicker, fewer images
 
 Each checkpoint is exported twice into a temporary repository with ``export/to_onnx.py``: fp32,
 and ``--precision int8`` calibrated on *training* images (never the validation set). Both are run
@@ -18,13 +18,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, machine
 
+from bench.report import machine
 from export import quantize, to_onnx
 from inference import read_repository
 from inference.backends.onnxruntime import OnnxRuntimeBackend
 from inference.evaluation import collect
 from inference.protocol import average_posteriors, parse_scales
+from testkit import REPOSITORY_ROOT as ROOT
 
 DEMO = ("demo-vgg16", "demo-vgg19")
 

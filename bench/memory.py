@@ -1,7 +1,7 @@
 """Server RSS and open files over many requests of mixed image sizes (ONNX Runtime arenas).
 
-    .venv/bin/python bench/memory.py                    # 500 requests, small VGG-16 + VGG-19
-    .venv/bin/python bench/memory.py --requests 2000 --model vgg16
+    .venv/bin/python -m bench.memory                    # 500 requests, small VGG-16
+    .venv/bin/python -m bench.memory --requests 2000 --model vgg16
 
 Prints RSS after the first 50 requests and after all of them; the target is growth < 10%.
 """
@@ -9,28 +9,15 @@ Prints RSS after the first 50 requests and after all of them; the target is grow
 from __future__ import annotations
 
 import argparse
-import io
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import requests
-from common import ServerProcess, export_random, machine
-from PIL import Image
 
-
-def mixed_images(count: int, seed: int = 0) -> list[bytes]:
-    """JPEG and PNG images of many sizes and aspect ratios (portrait, landscape, square, odd)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(count):
-        width, height = (int(v) for v in rng.integers(80, 900, size=2))
-        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-        image = Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR)
-        buffer = io.BytesIO()
-        image.save(buffer, "PNG" if i % 3 == 0 else "JPEG")
-        out.append(buffer.getvalue())
-    return out
+from bench.report import machine
+from testkit.images import mixed_sizes
+from testkit.models import SMALL, export_random_model
+from testkit.processes import ServerProcess
 
 
 def main() -> None:
@@ -42,10 +29,12 @@ def main() -> None:
         "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "vggserve-bench"
     )
     args = parser.parse_args()
-    small = args.model == "small"
-    repo = export_random(args.workdir / args.model, "vgg16", args.model, small)
-    distinct = mixed_images(100)
-    with ServerProcess("--repository", str(repo)) as server:
+    overrides = SMALL if args.model == "small" else None
+    repo = export_random_model(
+        args.workdir / args.model / "repo", "vgg16", args.model, 0, overrides
+    )
+    distinct = mixed_sizes(100)
+    with ServerProcess("--repository", str(repo), health_path="/readyz") as server:
         session = requests.Session()
         samples = {}
         failures = 0
@@ -57,7 +46,8 @@ def main() -> None:
             )
             failures += response.status_code != 200
             if i + 1 in (50, args.requests) or (i + 1) % 100 == 0:
-                samples[i + 1] = (server.rss_bytes(), server.open_files())
+                used = server.resources()
+                samples[i + 1] = (used.rss_bytes, used.open_fds)
                 print(
                     f"after {i + 1:5d} requests: RSS {samples[i + 1][0] / 2**20:7.1f} MiB, "
                     f"open files {samples[i + 1][1]}",

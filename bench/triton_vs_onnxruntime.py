@@ -1,7 +1,7 @@
 """Triton over gRPC vs in-process ONNX Runtime, same model and images, one run.
 
-    .venv/bin/python bench/triton_vs_onnxruntime.py                 # small VGG-16 and full VGG-16
-    .venv/bin/python bench/triton_vs_onnxruntime.py --models small  # quick
+    .venv/bin/python -m bench.triton_vs_onnxruntime                 # small VGG-16 and full VGG-16
+    .venv/bin/python -m bench.triton_vs_onnxruntime --models small  # quick
 
 For each model: p50/p95 latency at concurrency 1 and throughput with several images in flight,
 Q = 256,384,512 with flips, through ``inference.Classifier`` on (a) the ONNX Runtime backend in
@@ -18,22 +18,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import export_random, jpeg_images, machine, percentile
-
+from bench.report import machine, percentile
 from inference import Classifier, ClassifyOptions, decode_image, read_repository
 from inference.backends.onnxruntime import OnnxRuntimeBackend
 from inference.backends.triton import TritonBackend
-from tritonlocal import LocalTriton, port_is_free
+from testkit.images import jpeg
+from testkit.models import SMALL, export_random_model
+from testkit.processes import local_triton
 
-MODELS = {"small": ("vgg16", True), "vgg16": ("vgg16", False)}
-PORTS = range(19900, 20000)  # this area's range, away from the tests' random picks
-
-
-def three_ports() -> list[int]:
-    ports = [p for p in PORTS if port_is_free(p)][:3]
-    if len(ports) < 3:
-        raise SystemExit("no three free ports in 19900-19999")
-    return ports
+# name: (architecture, vgg.models.build sizes); both served at the paper's Q = 256,384,512.
+MODELS = {"small": ("vgg16", SMALL), "vgg16": ("vgg16", None)}
+SCALES = (256, 384, 512)
 
 
 def measure(classifier: Classifier, images: list[bytes], concurrency: int) -> dict:
@@ -75,17 +70,15 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     for key in args.models.split(","):
-        arch, small = MODELS[key]
-        (args.workdir / key).mkdir(exist_ok=True)
-        repo = export_random(args.workdir / key, arch, key, small)
+        arch, overrides = MODELS[key]
+        repo = export_random_model(args.workdir / key / "repo", arch, key, 0, overrides, SCALES)
         entries = read_repository(repo, [key])
-        images = jpeg_images(args.images or (40 if small else 6))
+        images = [jpeg(640, 480, seed=i) for i in range(args.images or (40 if overrides else 6))]
 
         in_process = measure(
             Classifier(OnnxRuntimeBackend(entries), entries), images, args.concurrency
         )
-        http, grpc, metrics = three_ports()
-        with LocalTriton(repo, http, grpc, metrics, models=[key]) as triton:
+        with local_triton(repo, models=[key]) as triton:
             backend = TritonBackend(triton.grpc_url, entries)
             via_triton = measure(Classifier(backend, entries), images, args.concurrency)
         rows.append((key, len(images), in_process, via_triton))

@@ -13,7 +13,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from loadtest.processes import ROOT
+from testkit import REPOSITORY_ROOT
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 
@@ -64,7 +64,7 @@ def start_locust(
     try:
         return subprocess.Popen(
             command,
-            cwd=ROOT,
+            cwd=REPOSITORY_ROOT,
             stdout=output,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

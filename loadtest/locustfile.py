@@ -5,7 +5,7 @@
 
 Each user discovers the served models (``GET /v1/models``), then mostly classifies one image
 (``POST /v1/classify``) and sometimes a batch of 2-4 (``POST /v1/classify/batch``). Every
-response is checked against the request (see :mod:`loadtest.checks`): a 200 with a wrong body is
+response is checked against the request (see :mod:`testkit.checks`): a 200 with a wrong body is
 a failure too. Extra flags: ``--think-time MIN,MAX`` (seconds between a user's requests) and
 ``--events-file PATH`` (one JSON line per request, for fault tests: time, name, status, error).
 """
@@ -14,19 +14,14 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # Locust puts only this folder on sys.path
-    sys.path.insert(0, str(ROOT))
+from locust import HttpUser, events, task
 
-from locust import HttpUser, events, task  # noqa: E402
-
-from loadtest.checks import check_batch, check_classification  # noqa: E402
-from loadtest.imageset import build_image_set  # noqa: E402
-from loadtest.mix import BATCH_SIZES, choose_plan, choose_uploads, server_info  # noqa: E402
+# Locust loads this file by path: it imports only installed packages (the toolkit among them).
+from testkit.checks import check_batch, check_classification
+from testkit.images import build_image_set
+from testkit.request_mix import BATCH_SIZES, choose_plan, choose_uploads, server_info
 
 IMAGES = build_image_set()
 REQUEST_TIMEOUT_S = 120

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from loadtest.processes import sample_resources
+from testkit.processes import sample_resources
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from loadtest.locust_runner import (
     format_summary,
     read_failures,
@@ -34,11 +31,15 @@ from loadtest.locust_runner import (
     start_locust,
 )
 from loadtest.monitor import ResourceMonitor, Sample, growth
-from loadtest.processes import ROOT, FrontEnd, free_ports
-from loadtest.small_models import SCALES, export_small_models
+from testkit import REPOSITORY_ROOT
+from testkit.models import write_small_repository
+from testkit.processes import ServerProcess, start_triton
 
 HERE = Path(__file__).resolve().parent
 SMALL_REPOSITORY = HERE / ".models"
+# The small models' scales: at least the crop (64), small enough that a request takes ~10-50 ms
+# on one core, so a load test measures the server rather than the convolutions.
+SMALL_SCALES = (64, 96, 128)
 SOAK = {"duration": "10m", "users": 6, "think_time": "0.1,1.0", "warmup_s": 120.0}
 
 
@@ -58,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="model repository to serve (default: two small VGGs exported into "
-        f"{SMALL_REPOSITORY.relative_to(ROOT)} on first use)",
+        f"{SMALL_REPOSITORY.relative_to(REPOSITORY_ROOT)} on first use)",
     )
     parser.add_argument(
         "--scales",
@@ -119,14 +120,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def start_triton(repository: Path, work_dir: Path):
-    """The bundled tritonserver on three free ports of our range, serving ``repository``."""
-    from tritonlocal import LocalTriton
-
-    http, grpc, metrics = free_ports(3)
-    return LocalTriton(repository, http, grpc, metrics, work_dir=work_dir).start()
-
-
 def timeline(
     samples: list[Sample], history: list[tuple[float, int, int]], started: float, every_s: float
 ) -> str:
@@ -171,16 +164,17 @@ def main(argv: list[str] | None = None) -> int:
             repository = args.repository
             scales = args.scales
             if repository is None:
-                repository = export_small_models(SMALL_REPOSITORY)
-                scales = scales or ",".join(map(str, SCALES))
+                repository = SMALL_REPOSITORY
+                write_small_repository(repository, keep_existing=True)
+                scales = scales or ",".join(map(str, SMALL_SCALES))
             server_args = ["--repository", str(repository), "--log-level", "warning"]
             server_args += ["--scales", scales] if scales else []
             if args.backend == "triton":
-                triton = start_triton(repository, out / "triton")
+                triton = start_triton(repository, work_dir=out / "triton")
                 stack.callback(triton.close)
                 watched["tritonserver"] = (triton.process.pid, True)  # with its Python stubs
                 server_args += ["--backend", "triton", "--triton-url", triton.grpc_url]
-            front = stack.enter_context(FrontEnd(*server_args, *args.server_arg, log_dir=out))
+            front = stack.enter_context(ServerProcess(*server_args, *args.server_arg, log_dir=out))
             watched["frontend"] = (front.pid, False)
             host = front.url
             print(f"server: {shlex.join(front.command)}", flush=True)

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import re
+from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import numpy as np
 import pytest
-from PIL import Image
+from fastapi.testclient import TestClient
 
 from inference import Classifier, ClassifyOptions, read_repository
 from inference.backends.onnxruntime import OnnxRuntimeBackend
 from inference.batching import MicroBatcher
 from inference.protocol import dense_batch, rescaled_size
-from tests.server_process import ServerProcess, run_server_cli
+from server.main import create_app
+from server.settings import Settings
+from testkit.images import png, smooth_image
+from testkit.processes import run_server_command
 
 
 class Recording:
@@ -35,11 +37,6 @@ class Recording:
         await self.backend.close()
 
 
-def photo(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
 @pytest.fixture(scope="module")
 def served(two_model_repository):
     repo, _ = two_model_repository
@@ -47,7 +44,7 @@ def served(two_model_repository):
 
 
 def test_concurrent_same_shape_views_run_as_one_batch_with_the_same_numbers(served):
-    images = [photo(96, 72, seed) for seed in range(5)]
+    images = [smooth_image(96, 72, seed) for seed in range(5)]
     views = [dense_batch(image, 64) for image in images]
 
     async def run():
@@ -70,7 +67,7 @@ def test_concurrent_same_shape_views_run_as_one_batch_with_the_same_numbers(serv
 
 
 def test_shapes_models_and_max_batch_are_never_mixed(served):
-    wide, tall = dense_batch(photo(96, 72, 0), 64), dense_batch(photo(72, 96, 1), 64)
+    wide, tall = dense_batch(smooth_image(96, 72, 0), 64), dense_batch(smooth_image(72, 96, 1), 64)
 
     async def run():
         recording = Recording(OnnxRuntimeBackend(served))
@@ -89,7 +86,7 @@ def test_shapes_models_and_max_batch_are_never_mixed(served):
 
 
 def test_a_failed_batch_fails_every_caller_and_the_next_batch_works(served):
-    view = dense_batch(photo(96, 72, 0), 64)
+    view = dense_batch(smooth_image(96, 72, 0), 64)
 
     async def run():
         batcher = MicroBatcher(OnnxRuntimeBackend(served), max_delay=0.02)
@@ -107,7 +104,7 @@ def test_a_failed_batch_fails_every_caller_and_the_next_batch_works(served):
 
 
 def test_classifier_on_a_micro_batcher_equals_the_plain_classifier(served):
-    images = [photo(100 + 7 * i, 80, i) for i in range(3)] * 2  # repeated shapes join
+    images = [smooth_image(100 + 7 * i, 80, i) for i in range(3)] * 2  # repeated shapes join
 
     async def run(wrap):
         backend = OnnxRuntimeBackend(served)
@@ -162,21 +159,17 @@ def test_shape_multiple_makes_few_shapes_from_many_aspect_ratios(served):
 
         recording.infer = infer
         for w, h in [(97, 64), (101, 64), (64, 110), (64, 90)]:
-            await classifier.classify(photo(w, h, 0), ClassifyOptions(models=("m16",)))
+            await classifier.classify(smooth_image(w, h, 0), ClassifyOptions(models=("m16",)))
         return seen
 
     assert asyncio.run(shapes(32)) == [(64, 96), (64, 96), (96, 64), (96, 64)]
     assert asyncio.run(shapes(None)) == [(64, 97), (64, 101), (110, 64), (90, 64)]
 
 
-def test_server_with_batching_and_buckets_answers_like_the_library(two_model_repository, tmp_path):
+def test_server_with_batching_and_buckets_answers_like_the_library(two_model_repository):
     repo, _ = two_model_repository
-    images = [photo(90 + 13 * i, 70, i) for i in range(4)]
-    uploads = []
-    for image in images:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        uploads.append(buffer.getvalue())
+    images = [smooth_image(90 + 13 * i, 70, seed=i) for i in range(4)]
+    uploads = [png(image) for image in images]
 
     async def reference():
         served = read_repository(repo)
@@ -186,29 +179,18 @@ def test_server_with_batching_and_buckets_answers_like_the_library(two_model_rep
         return [(await classifier.classify(i, ClassifyOptions())).probabilities for i in images]
 
     expected = asyncio.run(reference())
-    flags = (
-        "--scales",
-        "64,96",
-        "--shape-multiple",
-        "32",
-        "--batch-delay-ms",
-        "20",
-        "--jpeg-draft",
+    settings = Settings(
+        repository=repo, scales=(64, 96), shape_multiple=32, batch_delay_ms=20, jpeg_draft=True
     )
-    with ServerProcess("--repository", str(repo), *flags, log_dir=tmp_path) as server:
+    with TestClient(create_app(settings)) as client:
 
-        async def post_all():
-            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-                return await asyncio.gather(
-                    *(
-                        client.post("/v1/classify", params={"top_k": 10}, files={"file": data})
-                        for data in uploads
-                    )
-                )
+        def post(data: bytes):
+            return client.post("/v1/classify", params={"top_k": 10}, files={"file": data})
 
-        responses = asyncio.run(post_all())
-        listing = httpx.get(f"{server.url}/v1/models").json()
-        metrics = httpx.get(f"{server.url}/metrics").text
+        with ThreadPoolExecutor(len(uploads)) as pool:  # all four in flight together
+            responses = list(pool.map(post, uploads))
+        listing = client.get("/v1/models").json()
+        metrics = client.get("/metrics").text
     assert listing["shape_multiple"] == 32
     # 4 requests x 2 models x 2 scales, each 2 views; every view counted once, in fewer runs.
     views = float(re.search(r"^vggserve_batch_views_sum (\S+)$", metrics, re.M).group(1))
@@ -229,6 +211,6 @@ def test_server_with_batching_and_buckets_answers_like_the_library(two_model_rep
     ],
 )
 def test_bad_batching_flags_are_refused_with_a_message(flag, message):
-    result = run_server_cli(*flag)
+    result = run_server_command(*flag)
     assert result.returncode == 2
     assert message in result.stderr

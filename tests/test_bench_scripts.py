@@ -9,12 +9,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from testkit import REPOSITORY_ROOT as ROOT
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the benchmark would run")

@@ -15,8 +15,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from .images import encode, landscape
-from .server_process import ServerProcess
+from testkit.images import encode, landscape
+from testkit.processes import ServerProcess
 
 SCREENSHOT = "/tmp/vggserve-page.png"
 # Debian's chromium and chromium-driver; make test installs them when missing and it can.

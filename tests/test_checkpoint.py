@@ -6,10 +6,9 @@ import pytest
 import torch
 import torchvision
 
+from testkit.models import SMALL
 from vgg.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_weights
 from vgg.models import build
-
-from .conftest import SMALL
 
 
 def test_torchvision_state_dict_loads(tmp_path):

@@ -10,7 +10,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from .conftest import ROOT
+from testkit import REPOSITORY_ROOT as ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
 

@@ -13,7 +13,7 @@ import tomllib
 
 import pytest
 
-from .conftest import ROOT
+from testkit import REPOSITORY_ROOT as ROOT
 
 SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 INSTALL = "apt-get update && apt-get install -y chromium chromium-driver"

@@ -20,11 +20,10 @@ from inference import Classifier, ClassifyOptions, read_repository
 from inference.backends.onnxruntime import OnnxRuntimeBackend
 from inference.evaluation import collect
 from inference.protocol import average_posteriors
+from testkit.images import encode, smooth_image
 from train.data import load_rgb
 from train.evaluate import collect as collect_in_training
 from train.evaluate import serving_graph
-
-from .images import encode, smooth_image
 
 BATCHING_BOUND = 1e-6
 # The in-memory PyTorch graph against its ONNX export: the exporter refuses a relative error of

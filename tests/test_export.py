@@ -18,9 +18,10 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from export import to_onnx
+from testkit import REPOSITORY_ROOT as ROOT
+from testkit.models import SMALL
 from vgg.models import build
 
-from .conftest import ROOT, SMALL
 from .reference import dense_probs, dense_scores
 
 SMALL_FLAGS = [
@@ -152,7 +153,7 @@ def test_fp16_export_within_1e_2(small_state_dict_path, tmp_path):
 
 @pytest.mark.slow
 def test_full_vgg16_torchvision_state_dict_exports_and_matches(tmp_path):
-    """The issue's "done when": torchvision vgg16 weights, probs equal at any size from 224."""
+    """torchvision's vgg16 weights, probs equal at any size from 224."""
     torch.manual_seed(0)
     tv = torchvision.models.vgg16(weights=None).eval()
     with torch.no_grad():  # spread the logits so the soft-max is not flat

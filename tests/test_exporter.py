@@ -14,8 +14,8 @@ import pytest
 from export import to_onnx
 from export.exporter import ExportError, export_model
 from inference import read_repository
-
-from .conftest import ROOT, SMALL
+from testkit import REPOSITORY_ROOT as ROOT
+from testkit.models import SMALL
 
 SMALL_SETTINGS = {"width": SMALL["width"], "fc_width": SMALL["fc_width"], "crop": SMALL["crop"]}
 SMALL_FLAGS = ["--width", str(SMALL["width"]), "--fc-width", str(SMALL["fc_width"])]

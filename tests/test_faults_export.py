@@ -5,7 +5,7 @@ into place, the staging folder removed) is a kill point, for a new model, a new 
 model and the same version written again (``export/to_onnx.py``'s default). After each kill the
 repository must still be read by the server, every model's graph must load in ONNX Runtime, and
 the model must be either the old one or the new one, never a mix or nothing. Then a real
-``python export/to_onnx.py`` is SIGKILLed the moment it starts writing, and a server starts on
+``python export/to_onnx.py`` is SIGKILLed the moment it starts writing, and the app starts on
 what it left and classifies.
 """
 
@@ -20,15 +20,16 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import onnxruntime as ort
 import pytest
+from fastapi.testclient import TestClient
 
 from inference import read_repository
-from loadtest.imageset import build_image_set
-from loadtest.processes import FrontEnd
-
-from .conftest import ROOT, SMALL
+from server.main import create_app
+from server.settings import Settings
+from testkit import REPOSITORY_ROOT as ROOT
+from testkit.images import build_image_set
+from testkit.models import SMALL
 
 # name, version: a new model, a new version of m16, and version 1 of m16 written again.
 CASES = {"new model": ("m16b", 1), "new version": ("m16", 2), "same version": ("m16", 1)}
@@ -57,7 +58,7 @@ def killed_export(repository: Path, name: str, version: int, step: int, source: 
         [
             sys.executable,
             "-m",
-            "loadtest.killed_export",
+            "testkit.killed_export",
             str(repository),
             name,
             str(version),
@@ -163,8 +164,8 @@ def test_real_export_killed_while_writing_leaves_a_servable_repository(
     assert_loadable(repository)
 
     upload = build_image_set()[0]
-    with FrontEnd("--repository", str(repository), "--scales", "64", log_dir=tmp_path) as front:
+    with TestClient(create_app(Settings(repository=repository, scales=(64,)))) as client:
         files = {"file": (upload.filename, upload.data, upload.content_type)}
-        response = httpx.post(f"{front.url}/v1/classify", files=files, timeout=60)
+        response = client.post("/v1/classify", files=files)
     assert response.status_code == 200, response.text
     assert response.json()["models"] == ["m16", "m19"]

@@ -21,10 +21,10 @@ import httpx
 import psutil
 import pytest
 
-from loadtest.checks import Expected, check_batch, check_classification
-from loadtest.imageset import build_image_set, encode, smooth_image
 from loadtest.locust_runner import start_locust
-from loadtest.processes import FrontEnd, sample_resources
+from testkit.checks import Expected, check_batch, check_classification
+from testkit.images import build_image_set, encode, smooth_image
+from testkit.processes import ServerProcess
 
 SCALES = "64,96,128"
 IMAGES = build_image_set()
@@ -112,7 +112,7 @@ def test_sigterm_under_load_finishes_in_flight_refuses_new_and_exits_in_time(
     repository, _ = two_model_repository
     grace = 10.0
     args = ["--repository", str(repository), "--scales", SCALES, "--grace-period", str(grace)]
-    with FrontEnd(*args, log_dir=tmp_path) as front:
+    with ServerProcess(*args, log_dir=tmp_path) as front:
         events = tmp_path / "events.jsonl"
         locust = start_locust(
             front.url,
@@ -180,7 +180,7 @@ def test_sigterm_under_load_finishes_in_flight_refuses_new_and_exits_in_time(
 def test_grace_period_bounds_the_exit_when_a_request_outlasts_it(two_model_repository, tmp_path):
     repository, _ = two_model_repository
     args = ["--repository", str(repository), "--scales", SCALES, "--grace-period", "1"]
-    with FrontEnd(*args, log_dir=tmp_path) as front:
+    with ServerProcess(*args, log_dir=tmp_path) as front:
         upload = SlowUpload(front.port, seconds=8)  # far longer than the grace period
         upload.start()
         upload.started.wait(10)
@@ -226,10 +226,12 @@ def in_flight(url: str) -> float:
 def test_clients_vanishing_mid_upload_cost_nothing(two_model_repository, tmp_path, body_mb):
     repository, _ = two_model_repository
     big = encode(
-        smooth_image(int(700 * body_mb**0.5) * 2, int(500 * body_mb**0.5) * 2, "RGB", seed=3), "PNG"
+        smooth_image(int(700 * body_mb**0.5) * 2, int(500 * body_mb**0.5) * 2, seed=3), "PNG"
     )
     body = multipart(big, "big.png")
-    with FrontEnd("--repository", str(repository), "--scales", SCALES, log_dir=tmp_path) as front:
+    with ServerProcess(
+        "--repository", str(repository), "--scales", SCALES, log_dir=tmp_path
+    ) as front:
         served: list[int] = []
 
         def storm_beside_steady_clients(vanishing: int) -> None:
@@ -258,13 +260,13 @@ def test_clients_vanishing_mid_upload_cost_nothing(two_model_repository, tmp_pat
         # The first round brings arenas and caches to their working size under this very mix;
         # a leak shows as growth over the second.
         storm_beside_steady_clients(12)
-        baseline = sample_resources(front.pid)
+        baseline = front.resources()
         storm_beside_steady_clients(12)
         assert served and set(served) == {200}, served
         # A leaked socket or spooled file per vanished upload would be +12 here; +2 is the noise
         # of connections the server has not yet seen closed.
         wait_for(
-            lambda: sample_resources(front.pid).open_fds <= baseline.open_fds + 2,
+            lambda: front.resources().open_fds <= baseline.open_fds + 2,
             "open files back to where they were",
         )
         # Uploads over 1 MB are spooled to (unnamed) temporary files: none may stay open.
@@ -274,7 +276,7 @@ def test_clients_vanishing_mid_upload_cost_nothing(two_model_repository, tmp_pat
             if f.path.startswith(tempfile.gettempdir()) and f.path != str(front.log_path)
         ]
         assert not temporary, temporary
-        now = sample_resources(front.pid)
+        now = front.resources()
         grown_mb = (now.rss_bytes - baseline.rss_bytes) / 2**20
         print(
             f"{len(served)} steady requests served during 24 vanishing {body_mb} MB uploads; "

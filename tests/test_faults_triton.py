@@ -13,8 +13,7 @@ import time
 import httpx
 
 from loadtest.locust_runner import start_locust
-from loadtest.processes import FrontEnd, free_ports
-from tritonlocal import LocalTriton
+from testkit.processes import ServerProcess, local_triton
 
 # How long after Triton reports ready the front end may still fail (its next call reconnects).
 RECOVERY_S = 5.0
@@ -32,8 +31,7 @@ def read_events(path) -> list[dict]:
 
 def test_triton_killed_and_restarted_under_load(two_model_repository, tmp_path):
     repository, _ = two_model_repository
-    http, grpc, metrics = free_ports(3)
-    triton = LocalTriton(repository, http, grpc, metrics, work_dir=tmp_path / "triton")
+    triton = local_triton(repository, work_dir=tmp_path / "triton")
     triton.start()
     try:
         args = [
@@ -46,7 +44,7 @@ def test_triton_killed_and_restarted_under_load(two_model_repository, tmp_path):
             "--triton-url",
             triton.grpc_url,
         ]
-        with FrontEnd(*args, log_dir=tmp_path) as front:
+        with ServerProcess(*args, log_dir=tmp_path) as front:
             events = tmp_path / "events.jsonl"
             locust = start_locust(
                 front.url,
@@ -91,4 +89,4 @@ def test_triton_killed_and_restarted_under_load(two_model_repository, tmp_path):
         assert failure["t"] >= killed_at, (failure, summary)
         assert failure["start"] <= ready_at + RECOVERY_S, (failure, summary)
     assert "Traceback" not in log, log[-3000:]
-    print(f"{summary}; every failure a 503 during the outage")  # RELIABILITY.md (pytest -s)
+    print(f"{summary}; every failure a 503 during the outage")  # docs/reliability.md (pytest -s)

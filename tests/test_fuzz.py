@@ -1,6 +1,7 @@
-"""Hostile uploads over real HTTP: mutated JPEG, PNG, GIF, WebP, TIFF and BMP bytes, random
-multipart bodies, huge and malformed headers. Every request gets a documented answer (never a
-5xx), the server never crashes, and its memory and open files stay bounded.
+"""Hostile uploads: mutated JPEG, PNG, GIF, WebP, TIFF and BMP bytes and random multipart bodies
+to the app in process (FastAPI's TestClient); huge and malformed headers over raw sockets to a
+real ``python -m server`` (uvicorn's own limits). Every request gets a documented answer (never
+a 5xx), nothing crashes, and memory and open files stay bounded.
 
 Hypothesis drives the mutations with a bounded number of examples (the whole module runs in
 well under a minute on two cores); a failure prints the exact bytes that caused it.
@@ -8,19 +9,23 @@ well under a minute on two cores); a failure prints the exact bytes that caused 
 
 from __future__ import annotations
 
-import io
+import os
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loadtest.checks import Expected, check_classification
-from loadtest.imageset import smooth_image
-from loadtest.processes import FrontEnd, sample_resources
+from server.main import create_app
+from server.settings import Settings
+from testkit.checks import Expected, check_classification
+from testkit.images import encode, smooth_image
+from testkit.processes import Resources, ServerProcess, sample_resources
 
 # What the API documents for a bad upload; 5xx is never acceptable.
 DOCUMENTED = {200, 400, 413, 415, 422}
@@ -31,14 +36,11 @@ STATUSES: Counter[str] = Counter()  # what the run got, printed by the last test
 
 
 def _seed(fmt: str) -> bytes:
-    image = smooth_image(96, 72, "RGB", seed=len(fmt))
-    buffer = io.BytesIO()
+    image = smooth_image(96, 72, seed=len(fmt))
     if fmt == "GIF":  # animated: two frames
-        second = smooth_image(96, 72, "RGB", seed=99)
-        image.save(buffer, "GIF", save_all=True, append_images=[second], duration=100, loop=0)
-    else:
-        image.save(buffer, fmt)
-    return buffer.getvalue()
+        second = smooth_image(96, 72, seed=99)
+        return encode(image, "GIF", save_all=True, append_images=[second], duration=100, loop=0)
+    return encode(image, fmt)
 
 
 SEEDS = {fmt: _seed(fmt) for fmt in ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP")}
@@ -52,11 +54,33 @@ MIME = {
 }
 
 
+# Small limits: a mutated header claiming a huge image or a large body is refused cheaply.
+LIMITS = {"scales": (SCALE,), "max_upload_mb": 2, "max_pixels": 4_000_000}
+
+
+def warm(client) -> None:
+    """One good request: sessions and arenas exist before resources are measured."""
+    ok = client.post("/v1/classify", files={"file": ("a.png", SEEDS["PNG"], "image/png")})
+    assert ok.status_code == 200, ok.text
+
+
+@pytest.fixture(scope="module")
+def client(two_model_repository, app_log):
+    """The app in this process; ``client.baseline``: this process's resources once warm."""
+    repository, _ = two_model_repository
+    with TestClient(create_app(Settings(repository=repository, **LIMITS))) as client:
+        warm(client)
+        client.baseline = sample_resources(os.getpid())
+        yield client
+    log = app_log.text()
+    assert "Traceback" not in log and "Exception in ASGI" not in log, log[-5000:]
+
+
 @pytest.fixture(scope="module")
 def server(two_model_repository, tmp_path_factory):
+    """The same app in a real server, for requests no HTTP client would write."""
     repository, _ = two_model_repository
     log_dir = tmp_path_factory.mktemp("fuzz-logs")
-    # Small limits: a mutated header claiming a huge image or a large body is refused cheaply.
     args = [
         "--repository",
         str(repository),
@@ -67,20 +91,13 @@ def server(two_model_repository, tmp_path_factory):
         "--max-pixels",
         "4000000",
     ]
-    with FrontEnd(*args, log_dir=log_dir) as front:
+    with ServerProcess(*args, log_dir=log_dir) as front:
         with httpx.Client(base_url=front.url, timeout=60) as client:
-            ok = client.post("/v1/classify", files={"file": ("a.png", SEEDS["PNG"], "image/png")})
-            assert ok.status_code == 200, ok.text  # warm: sessions and arenas exist
-        front.baseline = sample_resources(front.pid)
+            warm(client)
+        front.baseline = front.resources()
         yield front
-    log = front.log_path.read_text()
+    log = front.log()
     assert "Traceback" not in log and "Exception in ASGI" not in log, front.log_tail(80)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 def assert_documented(response: httpx.Response, expected: Expected | None = None) -> None:
@@ -137,6 +154,8 @@ EXPECTED = Expected(
 )
 
 
+# Pillow warns about the corrupt metadata it skips in a mutated file: the answer is what counts.
+@pytest.mark.filterwarnings("ignore::UserWarning:PIL")
 @FUZZ
 @given(mutated_images())
 def test_mutated_images_get_a_documented_answer(client, sample):
@@ -262,31 +281,40 @@ HOSTILE_REQUESTS = {
 
 @pytest.mark.parametrize("name", list(HOSTILE_REQUESTS))
 def test_huge_and_malformed_requests_are_refused_with_400(server, name):
-    before = sample_resources(server.pid).rss_bytes
+    before = server.resources().rss_bytes
     answer = raw_exchange(server.port, HOSTILE_REQUESTS[name])
     status_line = answer.split(b"\r\n", 1)[0]
     # 400, or (for bytes that are not HTTP at all) a closed connection: never a 5xx or a hang.
     assert status_line.startswith(b"HTTP/1.1 4") or answer == b"", answer[:200]
     if answer:
         assert status_line.startswith(b"HTTP/1.1 400"), answer[:200]
-    grown_mb = (sample_resources(server.pid).rss_bytes - before) / 2**20
+    grown_mb = (server.resources().rss_bytes - before) / 2**20
     assert grown_mb < 20, f"RSS grew by {grown_mb:.0f} MB for one {name} request"
     assert httpx.get(f"{server.url}/healthz").status_code == 200
 
 
-def test_server_is_whole_after_the_fuzzing(server, client):
-    assert server.alive()
+def assert_whole(client, baseline: Resources, sample: Callable[[], Resources]) -> str:
+    """Still serving, nothing in flight, no 5xx counted, memory and open files bounded."""
     ok = client.post("/v1/classify", files={"file": ("a.jpg", SEEDS["JPEG"], "image/jpeg")})
     assert ok.status_code == 200
     metrics = client.get("/metrics").text
     assert 'status="500"' not in metrics and 'status="503"' not in metrics
     assert "vggserve_in_flight_requests 0.0" in metrics
     time.sleep(0.5)  # let closed connections' sockets be released
-    now = sample_resources(server.pid)
-    grown_mb = (now.rss_bytes - server.baseline.rss_bytes) / 2**20
+    now = sample()
+    grown_mb = (now.rss_bytes - baseline.rss_bytes) / 2**20
     assert grown_mb < MAX_RSS_GROWTH_MB, f"RSS grew by {grown_mb:.0f} MB"
-    assert now.open_fds <= server.baseline.open_fds + 5, (server.baseline, now)
-    print(
-        f"fuzz: {dict(sorted(STATUSES.items()))}; RSS {grown_mb:+.0f} MB, open files "
-        f"{server.baseline.open_fds} -> {now.open_fds}"
-    )
+    assert now.open_fds <= baseline.open_fds + 5, (baseline, now)
+    return f"RSS {grown_mb:+.0f} MB, open files {baseline.open_fds} -> {now.open_fds}"
+
+
+def test_app_is_whole_after_the_fuzzing(client):
+    summary = assert_whole(client, client.baseline, lambda: sample_resources(os.getpid()))
+    print(f"fuzz: {dict(sorted(STATUSES.items()))}; {summary}")
+
+
+def test_server_is_whole_after_the_hostile_requests(server):
+    assert server.alive()
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        summary = assert_whole(client, server.baseline, server.resources)
+    print(f"hostile requests: {summary}")

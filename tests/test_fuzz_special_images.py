@@ -1,63 +1,48 @@
-"""Awkward but legal (and some illegal) images over HTTP, each answered as documented.
+"""Awkward but legal (and some illegal) images sent to the HTTP API, each answered as documented.
 
 ``inference/images.py`` and the README promise: EXIF orientation is applied; CMYK, palette,
 grey and 16-bit images become 8-bit RGB (16-bit scaled, not clipped); an animated image gives
 its first frame; a 1x1 image is classified; an empty file is 400; a zero-size image is refused
 (Pillow cannot read it: 415); a 20000x20 strip is 422 (extreme aspect ratio); a decompression
 bomb is 413 without being decoded. Each promise is checked by comparing the server's answer for
-the awkward file with its answer for the plain RGB PNG the promise says it equals.
+the awkward file with its answer for the plain RGB PNG the promise says it equals. The app runs
+in process (FastAPI's TestClient).
 """
 
 from __future__ import annotations
 
 import io
+import os
 
-import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image, ImageOps
 
-from loadtest.imageset import smooth_image
-from loadtest.processes import FrontEnd, sample_resources
-
-from .images import header_bomb, one_bit_bomb
+from server.main import create_app
+from server.settings import Settings
+from testkit.images import encode, header_bomb, one_bit_bomb, png, smooth_image
+from testkit.processes import sample_resources
 
 PARAMS = {"scales": "64,96", "top_k": 10}
 
 
-def encode(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
-def png(image: Image.Image) -> bytes:
-    return encode(image.convert("RGB"), "PNG")
-
-
 @pytest.fixture(scope="module")
-def server(two_model_repository, tmp_path_factory):
+def client(two_model_repository):
     repository, _ = two_model_repository
-    log_dir = tmp_path_factory.mktemp("special-images-logs")
     # The shipped limits (20 MB uploads, 50 MP): what a user of the defaults gets.
-    with FrontEnd("--repository", str(repository), "--scales", "64,96", log_dir=log_dir) as front:
-        yield front
+    with TestClient(create_app(Settings(repository=repository, scales=(64, 96)))) as client:
+        yield client
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
-def classify(client: httpx.Client, data: bytes, name: str = "image", ctype: str = "") -> dict:
+def classify(client: TestClient, data: bytes, name: str = "image", ctype: str = "") -> dict:
     files = {"file": (name, data, ctype or "application/octet-stream")}
     response = client.post("/v1/classify", params=PARAMS, files=files)
     assert response.status_code == 200, response.text
     return response.json()
 
 
-def refused(client: httpx.Client, data: bytes, status: int, *needles: str) -> str:
+def refused(client: TestClient, data: bytes, status: int, *needles: str) -> str:
     response = client.post("/v1/classify", params=PARAMS, files={"file": ("x", data, "")})
     assert response.status_code == status, response.text
     detail = response.json()["detail"]
@@ -77,7 +62,7 @@ def same(a: dict, b: dict) -> bool:
     return bool(np.allclose(pa, pb, rtol=0, atol=1e-6))
 
 
-BASE = smooth_image(120, 80, "RGB", seed=5)
+BASE = smooth_image(120, 80, seed=5)
 
 
 @pytest.mark.parametrize("orientation", [3, 6, 8])
@@ -125,7 +110,7 @@ def test_palette_image_is_converted_to_rgb(client, fmt):
 
 @pytest.mark.parametrize("fmt", ["GIF", "PNG", "WEBP"])
 def test_animated_image_gives_its_first_frame(client, fmt):
-    first, second = BASE, smooth_image(120, 80, "RGB", seed=6)
+    first, second = BASE, smooth_image(120, 80, seed=6)
     data = encode(first, fmt, save_all=True, append_images=[second], duration=100, loop=0)
     decoded = Image.open(io.BytesIO(data))
     assert getattr(decoded, "n_frames", 1) == 2
@@ -154,13 +139,13 @@ def test_extreme_strip_is_422_with_the_reason(client, size):
     refused(client, strip, 422, f"{size[0]}x{size[1]}", "aspect ratio")
 
 
-def test_decompression_bombs_are_413_without_decoding(client, server):
-    before = sample_resources(server.pid).rss_bytes
+def test_decompression_bombs_are_413_without_decoding(client):
+    before = sample_resources(os.getpid()).rss_bytes  # the app runs in this process
     real_bomb = one_bit_bomb(10_000, 10_000)  # 100 MP, 1-bit: ~12 KB of PNG, 300 MB as RGB
     assert len(real_bomb) < 100_000
     refused(client, real_bomb, 413, "too many pixels")
     refused(client, header_bomb(100_000, 100_000), 413, "pixels")
-    grown_mb = (sample_resources(server.pid).rss_bytes - before) / 2**20
+    grown_mb = (sample_resources(os.getpid()).rss_bytes - before) / 2**20
     assert grown_mb < 30, f"RSS grew by {grown_mb:.0f} MB: the bomb was decoded"
 
 

@@ -12,17 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from clients.grpc_batch import UsageError, in_shard, read_done
 from inference import Classifier, ClassifyOptions, decode_image, read_repository
 from inference.backends.onnxruntime import OnnxRuntimeBackend
-
-from .conftest import ROOT
-from .test_triton_launcher import free_ports, start_triton, triton_server  # noqa: F401
+from testkit import REPOSITORY_ROOT as ROOT
+from testkit.images import smooth_image
+from testkit.ports import free_ports
+from testkit.processes import start_triton
 
 SCALES = "64,96,128"
-IMAGES = 40  # the CI size; the issue's 200-image check is the same code (see the report)
+IMAGES = 40
 UNREADABLE = {
     "empty.png": "the file is empty",
     "truncated.jpg": "truncated",
@@ -38,8 +38,7 @@ def image_folder(tmp_path_factory) -> Path:
     rng = np.random.default_rng(2014)
     for i in range(IMAGES):
         width, height = (int(v) for v in rng.integers(64, 200, 2))
-        coarse = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
-        image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+        image = smooth_image(width, height, seed=2014 + i)
         if i % 7 == 3:
             image = image.convert("L")
         elif i % 7 == 5:
@@ -129,7 +128,7 @@ def job_args(folder: Path, url: str, repository: Path, out: Path, *extra: str) -
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(triton_server, two_model_repository, image_folder, tmp_path_factory):  # noqa: F811
+def uninterrupted(triton_server, two_model_repository, image_folder, tmp_path_factory):
     """One plain run over the folder: (results, errors, stderr)."""
     repository, _ = two_model_repository
     out = tmp_path_factory.mktemp("full") / "results.jsonl"
@@ -176,11 +175,7 @@ def test_every_image_once_with_the_in_process_results(
 
 
 def test_killed_halfway_and_resumed_gives_the_uninterrupted_result_set(
-    triton_server,  # noqa: F811
-    two_model_repository,
-    image_folder,
-    uninterrupted,
-    tmp_path,
+    triton_server, two_model_repository, image_folder, uninterrupted, tmp_path
 ):
     repository, _ = two_model_repository
     out = tmp_path / "results.jsonl"
@@ -234,11 +229,7 @@ def test_triton_killed_mid_run_the_job_still_completes(
 
 
 def test_triton_down_stops_early_then_resume_finishes(
-    triton_server,  # noqa: F811
-    two_model_repository,  # noqa: F811
-    image_folder,
-    uninterrupted,
-    tmp_path,
+    triton_server, two_model_repository, image_folder, uninterrupted, tmp_path
 ):
     repository, _ = two_model_repository
     out = tmp_path / "results.jsonl"
@@ -259,11 +250,7 @@ def test_triton_down_stops_early_then_resume_finishes(
 
 
 def test_shards_split_the_job_without_overlap(
-    triton_server,  # noqa: F811
-    two_model_repository,
-    image_folder,  # noqa: F811
-    uninterrupted,
-    tmp_path,
+    triton_server, two_model_repository, image_folder, uninterrupted, tmp_path
 ):
     repository, _ = two_model_repository
     parts = []
@@ -284,11 +271,7 @@ def test_shards_split_the_job_without_overlap(
 
 
 def test_shared_memory_gives_the_same_results(
-    triton_server,  # noqa: F811
-    two_model_repository,
-    image_folder,  # noqa: F811
-    uninterrupted,
-    tmp_path,
+    triton_server, two_model_repository, image_folder, uninterrupted, tmp_path
 ):
     repository, _ = two_model_repository
     results, _, _ = uninterrupted

@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import io
-import struct
-import zlib
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from inference.images import CorruptImage, NotAnImage, TooManyPixels, decode_image
-
-
-def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **kwargs)
-    return buffer.getvalue()
-
-
-def gradient(width: int = 64, height: int = 48) -> Image.Image:
-    x = np.linspace(0, 255, width, dtype=np.uint8)[None, :].repeat(height, 0)
-    y = np.linspace(0, 255, height, dtype=np.uint8)[:, None].repeat(width, 1)
-    return Image.fromarray(np.stack([x, y, 255 - x], axis=2))
+from testkit.images import encode, gradient, header_bomb
 
 
 def test_exif_orientation_is_applied():
@@ -35,17 +20,17 @@ def test_exif_orientation_is_applied():
 
 @pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "LA", "1"])
 def test_colour_modes_become_rgb(mode):
-    image = gradient().convert(mode)
+    image = gradient(64, 48).convert(mode)
     fmt = {"CMYK": "JPEG", "1": "PNG"}.get(mode, "PNG")
     decoded = decode_image(encode(image, fmt))
     assert decoded.mode == "RGB" and decoded.size == (64, 48)
 
 
 def test_alpha_is_dropped_like_torchvision_loader():
-    rgba = gradient().convert("RGBA")
+    rgba = gradient(64, 48).convert("RGBA")
     rgba.putalpha(0)
     decoded = decode_image(encode(rgba, "PNG"))
-    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(gradient()))
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(gradient(64, 48)))
 
 
 def test_sixteen_bit_is_scaled_not_clipped():
@@ -57,9 +42,7 @@ def test_sixteen_bit_is_scaled_not_clipped():
 
 def test_animated_gif_gives_first_frame():
     frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 0, 255))]
-    buffer = io.BytesIO()
-    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
-    decoded = decode_image(buffer.getvalue())
+    decoded = decode_image(encode(frames[0], "GIF", save_all=True, append_images=frames[1:]))
     assert decoded.getpixel((5, 5))[0] > 200
 
 
@@ -84,27 +67,10 @@ def test_pixel_limit_checked_from_header():
         decode_image(data, max_pixels=9_999)
 
 
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims ``width x height`` (a decompression bomb's shape)."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b""))
-        + chunk(b"IEND", b"")
-    )
-
-
 @pytest.mark.parametrize("side", [10_000, 60_000])
 def test_decompression_bomb_refused_without_decoding(side):
     with pytest.raises(TooManyPixels):
-        decode_image(png_claiming(side, side), max_pixels=50_000_000)
+        decode_image(header_bomb(side, side), max_pixels=50_000_000)
 
 
 def test_empty_file():

@@ -19,12 +19,11 @@ from export.graph import ServingGraph
 from inference import Classifier, ClassifyOptions, decode_image, read_repository
 from inference.backends.onnxruntime import OnnxRuntimeBackend
 from inference.protocol import dense_batch, serving_scales
+from testkit.images import encode, jpeg, smooth_image
+from testkit.models import SMALL, peaked_small_model
 from tritonlocal.twin import twin_config
 from vgg.convert import to_fully_conv
 from vgg.models import IMAGENET_MEAN, IMAGENET_STD
-
-from .conftest import SMALL, peaked_small_model
-from .images import encode, jpeg, smooth_image
 
 SMALL_FLAGS = [
     "--width",

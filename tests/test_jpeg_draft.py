@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from inference.images import decode_image
+from testkit.images import encode, smooth_image
 
 
 def encoded(width: int, height: int, fmt: str = "JPEG", exif_rotate: bool = False) -> bytes:
-    rng = np.random.default_rng(0)
-    small = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
-    image = Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
-    buffer = io.BytesIO()
+    image = smooth_image(width, height, seed=0)
     if exif_rotate:
         exif = Image.Exif()
         exif[0x0112] = 6  # rotate 90 degrees clockwise on display
-        image.save(buffer, fmt, exif=exif)
-    else:
-        image.save(buffer, fmt)
-    return buffer.getvalue()
+        return encode(image, fmt, exif=exif)
+    return encode(image, fmt)
 
 
 @pytest.mark.parametrize(

@@ -10,16 +10,17 @@ import random
 import subprocess
 import sys
 
-import httpx
 import pytest
+from fastapi.testclient import TestClient
 
-from loadtest.checks import check_batch, check_classification
-from loadtest.imageset import build_image_set
-from loadtest.mix import Plan, choose_plan, server_info
 from loadtest.monitor import Sample, growth
-from loadtest.processes import FrontEnd
-
-from .conftest import ROOT
+from server.main import create_app
+from server.settings import Settings
+from testkit import REPOSITORY_ROOT as ROOT
+from testkit.checks import check_batch, check_classification
+from testkit.images import build_image_set
+from testkit.processes import ServerProcess
+from testkit.request_mix import Plan, choose_plan, server_info
 
 SCALES = "64,96,128"
 # The script runs the interpreter these tests run in, wherever its virtual environment lies.
@@ -77,7 +78,7 @@ def test_run_fails_when_requests_fail(two_model_repository, tmp_path):
     """A server that refuses every classification (bad scales for its models) fails the run."""
     repository, _ = two_model_repository
     out = tmp_path / "results"
-    with FrontEnd(
+    with ServerProcess(
         "--repository",
         str(repository),
         "--scales",
@@ -111,22 +112,21 @@ def test_run_fails_when_requests_fail(two_model_repository, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(two_model_repository, tmp_path_factory):
+def client(two_model_repository):
     repository, _ = two_model_repository
-    log_dir = tmp_path_factory.mktemp("loadtest-logs")
-    with FrontEnd("--repository", str(repository), "--scales", SCALES, log_dir=log_dir) as front:
-        yield front
+    with TestClient(create_app(Settings(repository=repository, scales=(64, 96, 128)))) as client:
+        yield client
 
 
-def classify(url: str, upload, plan: Plan) -> dict:
+def classify(client: TestClient, upload, plan: Plan) -> dict:
     files = {"file": (upload.filename, upload.data, upload.content_type)}
-    response = httpx.post(f"{url}/v1/classify", params=plan.params, files=files, timeout=60)
+    response = client.post("/v1/classify", params=plan.params, files=files)
     assert response.status_code == 200, response.text
     return response.json()
 
 
-def test_every_plan_of_the_mix_is_answered_correctly(server):
-    info = server_info(httpx.get(f"{server.url}/v1/models").json())
+def test_every_plan_of_the_mix_is_answered_correctly(client):
+    info = server_info(client.get("/v1/models").json())
     assert info.models == ("m16", "m19") and info.default_scales == (64, 96, 128)
     images = build_image_set()
     rng = random.Random(7)
@@ -134,16 +134,16 @@ def test_every_plan_of_the_mix_is_answered_correctly(server):
     assert {p.mode for p in plans} >= {"dense", "multicrop"} and any(p.heatmap for p in plans)
     for index, plan in enumerate(plans[:12]):
         upload = images[index % len(images)]
-        body = classify(server.url, upload, plan)
+        body = classify(client, upload, plan)
         assert check_classification(body, plan.expected(upload)) == []
 
 
-def test_checks_catch_wrong_answers(server):
+def test_checks_catch_wrong_answers(client):
     upload = build_image_set()[0]
     plan = Plan(
         {"heatmap": "true", "top_k": "3"}, 3, (64, 96, 128), True, ("m16", "m19"), "dense", True
     )
-    body = classify(server.url, upload, plan)
+    body = classify(client, upload, plan)
     expected = plan.expected(upload)
     assert check_classification(body, expected) == []
 

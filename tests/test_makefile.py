@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from .conftest import ROOT
+from testkit import REPOSITORY_ROOT as ROOT
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
 

@@ -13,15 +13,9 @@ from inference import Classifier, ClassifyOptions, OptionError, read_repository
 from inference.backends.onnxruntime import OnnxRuntimeBackend
 from inference.classifier import ExtremeAspectRatio
 from inference.protocol import crop_offsets, dense_batch, rescaled_size, top_k
+from testkit.images import smooth_image
 
 from .reference import dense_probs, dense_scores, protocol_probs, rescale, to_batch
-
-
-def random_image(width: int, height: int, seed: int) -> Image.Image:
-    """Smooth random colour fields (more image-like than noise) at the given size."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (max(2, height // 16), max(2, width // 16), 3), dtype=np.uint8)
-    return Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +47,7 @@ def test_rescaled_size_rounds_half_up(width, height, q, expected):
 
 
 def test_dense_batch_is_bilinear_rescale_plus_flip():
-    image = random_image(333, 500, seed=1)
+    image = smooth_image(333, 500, seed=1)
     batch = dense_batch(image, 256, flip=True)
     expected = to_batch(rescale(image, 256), flip=True).numpy()
     assert batch.dtype == np.uint8 and batch.shape == (2, 3, 384, 256)
@@ -67,7 +61,7 @@ def test_dense_batch_is_bilinear_rescale_plus_flip():
 )
 def test_fused_probabilities_equal_independent_reference(classifier, two_model_repository, size):
     _, models = two_model_repository
-    image = random_image(*size, seed=sum(size))
+    image = smooth_image(*size, seed=sum(size))
     result = classify(classifier, image, top_k=5)
     reference = protocol_probs([models["m16"], models["m19"]], image, scales=(256, 384, 512))
     assert np.abs(result.probabilities - reference).max() < 1e-5
@@ -85,7 +79,7 @@ def test_fused_probabilities_equal_independent_reference(classifier, two_model_r
 
 def test_options_scales_flip_models(classifier, two_model_repository):
     _, models = two_model_repository
-    image = random_image(400, 300, seed=7)
+    image = smooth_image(400, 300, seed=7)
     result = classify(classifier, image, scales=(64, 200), flip=False, models=("m19",), top_k=3)
     reference = protocol_probs([models["m19"]], image, scales=(64, 200), flip=False)
     assert np.abs(result.probabilities - reference).max() < 1e-5
@@ -95,7 +89,7 @@ def test_options_scales_flip_models(classifier, two_model_repository):
 
 def test_flip_changes_the_answer_by_averaging_the_mirror(classifier, two_model_repository):
     _, models = two_model_repository
-    image = random_image(300, 260, seed=3)
+    image = smooth_image(300, 260, seed=3)
     with_flip = classify(classifier, image, scales=(256,), models=("m16",)).probabilities
     plain = dense_probs(models["m16"], to_batch(rescale(image, 256), flip=False))[0]
     mirror = dense_probs(
@@ -107,7 +101,7 @@ def test_flip_changes_the_answer_by_averaging_the_mirror(classifier, two_model_r
 
 def test_multicrop_is_a_5x5_grid_with_flips(classifier, two_model_repository):
     _, models = two_model_repository
-    image = random_image(350, 260, seed=11)
+    image = smooth_image(350, 260, seed=11)
     result = classify(classifier, image, scales=(96, 128), models=("m16",), mode="multicrop")
     per_scale = []
     for q in (96, 128):
@@ -132,7 +126,7 @@ def test_crop_offsets_span_the_image():
 
 def test_heatmap_is_top1_score_map_at_largest_scale(classifier, two_model_repository):
     _, models = two_model_repository
-    image = random_image(320, 240, seed=5)
+    image = smooth_image(320, 240, seed=5)
     result = classify(classifier, image, scales=(128, 256), heatmap=True)
     heatmap = result.heatmap
     assert heatmap.index == result.predictions[0].index and heatmap.scale == 256
@@ -164,14 +158,14 @@ def test_top_k_breaks_ties_by_index():
 )
 def test_bad_options_name_the_parameter(classifier, options, parameter):
     with pytest.raises(OptionError) as info:
-        classify(classifier, random_image(100, 100, 0), **options)
+        classify(classifier, smooth_image(100, 100, 0), **options)
     assert info.value.parameter == parameter
     assert str(info.value).startswith(parameter)
 
 
 def test_below_minimum_scale_says_the_minimum(classifier):
     with pytest.raises(OptionError, match="smallest input m16, m19 accept is 64"):
-        classify(classifier, random_image(100, 100, 0), scales=(48,))
+        classify(classifier, smooth_image(100, 100, 0), scales=(48,))
 
 
 def test_extreme_strip_is_refused_before_resizing(classifier):

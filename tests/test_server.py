@@ -1,4 +1,5 @@
-"""The HTTP front end over real HTTP: ``python -m server`` on a real port, two small models.
+"""The HTTP API of the front end, in process (FastAPI's TestClient), two small models; and the
+command line's ``--help`` and start-up failures, as a real ``python -m server``.
 
 Numbers are checked against the independent PyTorch reference (``tests/reference.py``).
 """
@@ -8,13 +9,16 @@ from __future__ import annotations
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
-from .images import decoded, encode, jpeg, smooth_image
+from server.main import create_app
+from server.settings import Settings
+from testkit.images import decoded, encode, jpeg, smooth_image
+from testkit.processes import run_server_command
+
 from .reference import protocol_probs
-from .server_process import ServerProcess, run_server_cli
 
 TOLERANCE = 1e-5
 PREDICTION_KEYS = {"index", "label", "probability"}
@@ -31,16 +35,10 @@ RESPONSE_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def server(two_model_repository, tmp_path_factory):
+def client(two_model_repository):
     repo, _ = two_model_repository
-    with ServerProcess("--repository", str(repo), log_dir=tmp_path_factory.mktemp("log")) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
+    with TestClient(create_app(Settings(repository=repo))) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +47,7 @@ def torch_models(two_model_repository):
     return models
 
 
-def classify(client: httpx.Client, data: bytes, name: str = "image.jpg", **params):
+def classify(client: TestClient, data: bytes, name: str = "image.jpg", **params):
     return client.post("/v1/classify", params=params, files={"file": (name, data, "image/jpeg")})
 
 
@@ -272,7 +270,7 @@ def test_web_page_is_served_self_contained(client):
 
 
 def test_help_documents_every_flag():
-    result = run_server_cli("--help")
+    result = run_server_command("--help")
     assert result.returncode == 0
     for flag in (
         "--repository",
@@ -297,7 +295,7 @@ def test_missing_or_empty_repository_exits_with_one_line(tmp_path, kind):
     repo = tmp_path / "repo"
     if kind == "empty":
         repo.mkdir()
-    result = run_server_cli("--repository", str(repo), "--port", "18999")
+    result = run_server_command("--repository", str(repo), "--port", "18999")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -308,7 +306,7 @@ def test_missing_or_empty_repository_exits_with_one_line(tmp_path, kind):
 
 def test_bad_default_scales_exit_with_one_line(two_model_repository):
     repo, _ = two_model_repository
-    result = run_server_cli("--repository", str(repo), "--scales", "32", "--port", "18999")
+    result = run_server_command("--repository", str(repo), "--scales", "32", "--port", "18999")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip() == (
         "error: --scales: Q=32 is outside [64, 1024] (the smallest input m16, m19 accept is 64)"

@@ -19,9 +19,8 @@ from server.flags import (
     parse_settings,
 )
 from server.settings import SettingError, Settings
-
-from .conftest import ROOT
-from .server_process import run_server_cli
+from testkit import REPOSITORY_ROOT as ROOT
+from testkit.processes import run_server_command as run_server_cli
 
 DOCS = ROOT / "docs" / "server.md"
 

@@ -1,7 +1,9 @@
 """Every bad input gets a clear JSON error with the right status, and the server stays up.
 
-One server runs with small limits (1 MB uploads, 4 MP images, one request at a time and one
-waiting), one points at a Triton that is not there, one serves a graph that fails at run time.
+The app runs in process (FastAPI's TestClient) with small limits (1 MB uploads, 4 MP images, one
+request at a time and one waiting); another points at a Triton that is not there, another serves
+a graph that fails at run time. Bodies refused while they stream in are sent over raw sockets to
+a real ``python -m server`` with the same limits.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import httpx
 import numpy as np
 import onnx
 import pytest
+from fastapi.testclient import TestClient
 from onnx import TensorProto, helper
 
 from export.repository import ModelInfo, write_model
-
-from .images import (
+from server.main import create_app
+from server.settings import Settings
+from testkit.images import (
     decoded,
     encode,
     header_bomb,
@@ -29,20 +33,32 @@ from .images import (
     smooth_image,
     truncated,
 )
+from testkit.ports import free_port
+from testkit.processes import ServerProcess
+
 from .reference import protocol_probs
-from .server_process import ServerProcess, free_port
 
 LIMIT_MB = 1
 MAX_PIXELS = 4_000_000
+LIMITS = {
+    "max_upload_mb": LIMIT_MB,
+    "max_pixels": MAX_PIXELS,
+    "max_concurrency": 1,
+    "max_queue": 1,
+    "scales": (64, 96),
+}
 
 
 @pytest.fixture(scope="module")
-def logs(tmp_path_factory):
-    return tmp_path_factory.mktemp("logs")
+def client(two_model_repository, app_log):
+    repo, _ = two_model_repository
+    with TestClient(create_app(Settings(repository=repo, **LIMITS))) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
-def server(two_model_repository, logs):
+def server(two_model_repository, tmp_path_factory):
+    """The same limits in a real server, for requests written on raw sockets."""
     repo, _ = two_model_repository
     args = [
         "--repository",
@@ -58,18 +74,12 @@ def server(two_model_repository, logs):
         "--scales",
         "64,96",
     ]
-    with ServerProcess(*args, log_dir=logs) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
+    with ServerProcess(*args, log_dir=tmp_path_factory.mktemp("logs")) as server:
+        yield server
 
 
 def post(
-    client: httpx.Client, data: bytes, name: str = "upload.jpg", ctype: str = "image/jpeg", **params
+    client: TestClient, data: bytes, name: str = "upload.jpg", ctype: str = "image/jpeg", **params
 ):
     return client.post("/v1/classify", params=params, files={"file": (name, data, ctype)})
 
@@ -270,7 +280,7 @@ def test_bad_parameter_is_named(client, params, needles):
 # --- 429: overload -------------------------------------------------------------------------------
 
 
-def metric_value(client: httpx.Client, name: str) -> float:
+def metric_value(client: TestClient, name: str) -> float:
     for line in client.get("/metrics").text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
@@ -306,35 +316,23 @@ def test_burst_beyond_slot_and_queue_gets_429_with_retry_after(client, two_model
     assert post(client, jpeg(96, 96)).status_code == 200
 
 
-def test_server_survived_every_error_above(server, client):
+def test_server_survived_every_error_above(server, client, app_log):
     assert server.alive()
     assert client.get("/healthz").status_code == 200
     response = post(client, jpeg(128, 96, seed=9))
     assert response.status_code == 200 and len(response.json()["predictions"]) == 5
     assert metric_value(client, "vggserve_in_flight_requests") == 0
-    assert "Traceback" not in server.log()
+    assert "Traceback" not in app_log.text() and "Traceback" not in server.log()
 
 
 # --- 503: the engine is down; 500: a bug ------------------------------------------------------------
 
 
-def test_backend_down_is_503_and_not_ready(two_model_repository, logs):
+def test_backend_down_is_503_and_not_ready(two_model_repository):
     repo, _ = two_model_repository
     nobody = f"127.0.0.1:{free_port()}"  # nothing listens there
-    args = [
-        "--repository",
-        str(repo),
-        "--backend",
-        "triton",
-        "--triton-url",
-        nobody,
-        "--scales",
-        "64",
-    ]
-    with (
-        ServerProcess(*args, log_dir=logs) as server,
-        httpx.Client(base_url=server.url, timeout=30) as client,
-    ):
+    settings = Settings(repository=repo, backend="triton", triton_url=nobody, scales=(64,))
+    with TestClient(create_app(settings)) as client:
         assert client.get("/healthz").status_code == 200
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["ready"] is False
@@ -343,7 +341,7 @@ def test_backend_down_is_503_and_not_ready(two_model_repository, logs):
         assert "retry" in detail.lower()
         assert int(response.headers["retry-after"]) >= 1
         assert post(client, b"not an image").status_code == 415  # still judged on its own
-        assert server.alive()
+        assert client.get("/healthz").status_code == 200
 
 
 def broken_repository(root) -> None:
@@ -372,18 +370,16 @@ def broken_repository(root) -> None:
     write_model(root, info, 1, model.SerializeToString(), [f"c{i}" for i in range(10)])
 
 
-def test_unexpected_failure_is_a_logged_json_500(tmp_path, logs):
+def test_unexpected_failure_is_a_logged_json_500(tmp_path, caplog):
     broken_repository(tmp_path / "repo")
-    with ServerProcess(
-        "--repository", str(tmp_path / "repo"), "--scales", "64", log_dir=logs
-    ) as server:
-        with httpx.Client(base_url=server.url, timeout=30) as client:
-            response = post(client, jpeg(96, 96))
-            assert_error(response, 500, "internal server error", "bug in vggserve", "logged")
-            assert client.get("/healthz").status_code == 200
-            assert post(client, b"").status_code == 400  # and still answers the rest correctly
-            metrics = client.get("/metrics").text
-            assert 'endpoint="/v1/classify",method="POST",status="500"} 1.0' in metrics
-        assert server.alive()
-        assert "unexpected error on POST /v1/classify" in server.log()
-        assert server.log().count("Traceback") == 1  # logged once, not again by uvicorn
+    settings = Settings(repository=tmp_path / "repo", scales=(64,))
+    # raise_server_exceptions: an exception that escaped the app would fail this test here.
+    with TestClient(create_app(settings), raise_server_exceptions=True) as client:
+        response = post(client, jpeg(96, 96))
+        assert_error(response, 500, "internal server error", "bug in vggserve", "logged")
+        assert client.get("/healthz").status_code == 200
+        assert post(client, b"").status_code == 400  # and still answers the rest correctly
+        metrics = client.get("/metrics").text
+        assert 'endpoint="/v1/classify",method="POST",status="500"} 1.0' in metrics
+    assert "unexpected error on POST /v1/classify" in caplog.text
+    assert caplog.text.count("Traceback") == 1  # logged once, and it never left the app

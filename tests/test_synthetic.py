@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from testkit import REPOSITORY_ROOT as ROOT
 from train.synthetic import (
     ASPECT_RATIOS,
     CLASSES,
@@ -19,8 +20,6 @@ from train.synthetic import (
     generate,
     image_rng,
 )
-
-from .conftest import ROOT
 
 TINY = SyntheticConfig(classes=4, train=24, val=8, seed=3)
 

@@ -7,17 +7,18 @@ ones (bf16 vs fp32, inductor with CUDA graphs) run where a GPU is visible.
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import subprocess
 import sys
 from dataclasses import fields
 
-import httpx
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from inference import read_repository
 from inference.backends.onnx_reader import GraphNotReadable, read_serving_module
@@ -29,13 +30,14 @@ from inference.backends.torch import (
     resolve_compile,
     resolve_dtype,
 )
+from server.main import create_app
 from server.settings import Settings
+from testkit import REPOSITORY_ROOT as ROOT
+from testkit.images import jpeg
+from testkit.models import export_random_model
+from testkit.processes import run_server_command
 
-from .conftest import ROOT
-from .images import jpeg
-from .server_process import ServerProcess, run_server_cli
-
-TOLERANCE = 1e-5  # fp32, CPU (the issue's bound)
+TOLERANCE = 1e-5  # fp32, CPU
 # (N, 3, H, W): square at the crop, 3:4 and 4:3 with flips, an odd pair, a batch of 3.
 SHAPES = [(1, 3, 64, 64), (2, 3, 64, 85), (2, 3, 128, 96), (2, 3, 101, 77), (3, 3, 96, 128)]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -75,32 +77,11 @@ def eager(entries):
 @pytest.fixture(scope="module")
 def other_exports(tmp_path_factory):
     """Small exports the two-model repository lacks: A-LRN (fp32) and VGG-16 in fp16."""
-    from export import to_onnx
-    from vgg.models import build
-
-    root = tmp_path_factory.mktemp("other-exports")
-    small = ["--width", "0.125", "--fc-width", "64", "--crop", "64"]
+    repository = tmp_path_factory.mktemp("other-exports") / "repo"
+    sizes = {"width": 0.125, "fc_width": 64, "crop": 64, "num_classes": 5}
     for name, arch, precision in (("alrn", "A-LRN", "fp32"), ("d16half", "vgg16", "fp16")):
-        torch.manual_seed(7)
-        weights = root / f"{name}.pth"
-        torch.save(
-            build(arch, width=0.125, fc_width=64, crop=64, num_classes=5).state_dict(), weights
-        )
-        args = [
-            "--arch",
-            arch,
-            "--weights",
-            str(weights),
-            "--name",
-            name,
-            "--repository",
-            str(root / "repo"),
-            "--precision",
-            precision,
-            *small,
-        ]
-        assert to_onnx.main(args) == 0
-    return root / "repo"
+        export_random_model(repository, arch, name, 7, sizes, precision=precision)
+    return repository
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -272,7 +253,7 @@ def test_server_refuses_to_start_on_an_int8_graph(two_model_repository, int8_gra
     repo, _ = two_model_repository
     shutil.copytree(repo / "m16", tmp_path / "repo" / "m16")
     shutil.copy(int8_graph, tmp_path / "repo" / "m16" / "1" / "model.onnx")
-    result = run_server_cli("--repository", str(tmp_path / "repo"), "--backend", "torch")
+    result = run_server_command("--repository", str(tmp_path / "repo"), "--backend", "torch")
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: --backend torch cannot run ")
@@ -282,7 +263,7 @@ def test_server_refuses_to_start_on_an_int8_graph(two_model_repository, int8_gra
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
 def test_server_without_cuda_refuses_torch_device_cuda(two_model_repository):
     repo, _ = two_model_repository
-    result = run_server_cli(
+    result = run_server_command(
         "--repository", str(repo), "--backend", "torch", "--torch-device", "cuda"
     )
     assert result.returncode == 2
@@ -290,7 +271,7 @@ def test_server_without_cuda_refuses_torch_device_cuda(two_model_repository):
 
 
 def test_bad_warmup_sizes_are_refused():
-    result = run_server_cli("--backend", "torch", "--torch-warmup", "640by480")
+    result = run_server_command("--backend", "torch", "--torch-warmup", "640by480")
     assert result.returncode == 2
     assert "WIDTHxHEIGHT" in result.stderr
 
@@ -310,25 +291,24 @@ def test_onnxruntime_server_never_imports_torch(two_model_repository):
 # --- the HTTP front end on --backend torch ------------------------------------------------------
 
 
-def test_server_on_torch_answers_like_onnxruntime(two_model_repository, tmp_path):
+def test_server_on_torch_answers_like_onnxruntime(two_model_repository, caplog):
     repo, _ = two_model_repository
     data = jpeg(320, 240, seed=11)
     params = {"scales": "64,96,128", "heatmap": "true", "top_k": 10}
     bodies = {}
+    caplog.set_level(logging.INFO, logger="server")
     for backend in ("onnxruntime", "torch"):
-        extra = ["--torch-warmup", "320x240"] if backend == "torch" else []
-        args = ["--repository", str(repo), "--backend", backend, *extra]
-        with ServerProcess(*args, log_dir=tmp_path) as server:
-            response = httpx.post(
-                f"{server.url}/v1/classify",
-                params=params,
-                timeout=60,
-                files={"file": ("i.jpg", data, "image/jpeg")},
+        warmup = ((320, 240),) if backend == "torch" else ()
+        settings = Settings(repository=repo, backend=backend, torch_warmup=warmup)
+        caplog.clear()
+        with TestClient(create_app(settings)) as client:
+            response = client.post(
+                "/v1/classify", params=params, files={"file": ("i.jpg", data, "image/jpeg")}
             )
             assert response.status_code == 200, response.text
             bodies[backend] = response.json()
-            models = httpx.get(f"{server.url}/v1/models", timeout=10).json()
-            log = server.log()
+            models = client.get("/v1/models").json()
+            log = caplog.text
         if backend == "torch":
             assert all(m["backend"] == "torch" for m in models["models"])
             assert "torch backend on cpu, fp32, compile off" in log

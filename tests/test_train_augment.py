@@ -6,17 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from testkit.images import gradient
 from train.augment import Lighting, TrainAugmentation, parse_scale, pixel_statistics
 from train.data import EpochBatches, epoch_order
 
 RNG = np.random.default_rng
-
-
-def gradient_image(width: int = 150, height: int = 100) -> Image.Image:
-    """An image whose every column and row differs, so a crop's position and flip are visible."""
-    ys, xs = np.mgrid[0:height, 0:width]
-    pixels = np.stack([xs % 256, ys % 256, (xs * 7 + ys * 3) % 256], axis=-1).astype(np.uint8)
-    return Image.fromarray(pixels)
 
 
 def test_parse_scale():
@@ -29,7 +23,7 @@ def test_parse_scale():
 
 def test_jittered_scale_stays_in_range_and_covers_it():
     augment = TrainAugmentation(64, 128, 64, flip=False)
-    image = gradient_image()
+    image = gradient(150, 100)
     scales = []
     for seed in range(400):
         pixels, _, info = augment(image, RNG(seed))
@@ -45,7 +39,7 @@ def test_jittered_scale_stays_in_range_and_covers_it():
 def test_fixed_scale_and_crop_size():
     augment = TrainAugmentation(96, 96, 64)
     for seed in range(20):
-        pixels, _, info = augment(gradient_image(), RNG(seed))
+        pixels, _, info = augment(gradient(150, 100), RNG(seed))
         assert info["scale"] == 96 and info["size"] == (144, 96)
         assert pixels.shape == (3, 64, 64)
 
@@ -56,7 +50,7 @@ def test_scale_below_crop_is_refused():
 
 
 def test_crop_is_a_window_of_the_rescaled_image():
-    image = gradient_image(300, 200)
+    image = gradient(300, 200)
     augment = TrainAugmentation(200, 200, 64, flip=False)  # S = the image's own size: no resize
     lefts = set()
     for seed in range(50):
@@ -69,7 +63,7 @@ def test_crop_is_a_window_of_the_rescaled_image():
 
 
 def test_flip_mirrors_the_same_crop_half_the_time():
-    image = gradient_image()
+    image = gradient(150, 100)
     flipping = TrainAugmentation(64, 128, 64, flip=True)
     plain = TrainAugmentation(64, 128, 64, flip=False)
     flips = 0
@@ -111,7 +105,7 @@ def test_colour_shift_statistics_follow_the_pca():
 def test_colour_shift_is_one_vector_per_image_and_off_at_zero():
     lighting = Lighting((0.2, 0.02, 0.005), ((1, 0, 0), (0, 1, 0), (0, 0, 1)), std=0.1)
     augment = TrainAugmentation(64, 64, 64, lighting=lighting)
-    _, shift, _ = augment(gradient_image(64, 64), RNG(1))
+    _, shift, _ = augment(gradient(64, 64), RNG(1))
     assert shift.shape == (3,) and shift.dtype == np.float32 and np.any(shift != 0)
     off = Lighting(lighting.eigval, lighting.eigvec, std=0.0)
     assert np.all(off.shift(RNG(1)) == 0)
@@ -121,8 +115,8 @@ def test_same_seed_same_sample():
     augment = TrainAugmentation(
         64, 128, 64, lighting=Lighting((0.1, 0.01, 0.001), ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
     )
-    a = augment(gradient_image(), RNG([0, 13, 2, 5]))
-    b = augment(gradient_image(), RNG([0, 13, 2, 5]))
+    a = augment(gradient(150, 100), RNG([0, 13, 2, 5]))
+    b = augment(gradient(150, 100), RNG([0, 13, 2, 5]))
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 

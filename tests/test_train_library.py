@@ -21,14 +21,13 @@ import torch
 from inference.backends.onnxruntime import OnnxRuntimeBackend
 from inference.classifier import Classifier, ClassifyOptions
 from inference.repository import read_repository
+from testkit import REPOSITORY_ROOT as ROOT
 from train import demo, recipe
 from train.config import ConfigError, TrainConfig
 from train.data import load_rgb, scan_folder
 from train.options import build_parser, parse_args
 from train.recipe import train, train_step
 from train.synthetic import SyntheticConfig, generate
-
-from .conftest import ROOT
 
 
 def test_every_field_is_a_flag_with_the_fields_default():

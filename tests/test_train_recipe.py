@@ -10,12 +10,11 @@ import sys
 import pytest
 import torch
 
+from testkit import REPOSITORY_ROOT as ROOT
 from train.initialise import conv_layers, init_from, initialise
 from train.options import build_parser, parse_args
 from train.schedule import LearningRate
 from vgg.models import build, resolve_arch
-
-from .conftest import ROOT
 
 
 def test_defaults_are_the_papers_recipe():

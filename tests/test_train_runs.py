@@ -19,11 +19,11 @@ import torch
 from inference.backends.onnxruntime import OnnxRuntimeBackend
 from inference.classifier import Classifier, ClassifyOptions
 from inference.repository import read_repository
+from testkit import REPOSITORY_ROOT as ROOT
 from train.data import load_rgb, scan_folder
 from train.synthetic import SyntheticConfig, generate
 from vgg.checkpoint import load_weights
 
-from .conftest import ROOT
 from .reference import protocol_probs
 
 # VGG-A with batch-norm at 1/16 width: every part of the recipe (batch-norm, dropout, scale

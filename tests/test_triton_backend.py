@@ -9,14 +9,14 @@ import time
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from PIL import Image
 
 from inference import Classifier, ClassifyOptions, read_repository
 from inference.backends.base import BackendUnavailable
 from inference.backends.onnxruntime import OnnxRuntimeBackend
 from inference.backends.triton import TritonBackend, TritonTimeout
-
-from .test_triton_launcher import free_ports, start_triton, triton_server  # noqa: F401
+from testkit.images import smooth_image
+from testkit.ports import free_ports
+from testkit.processes import start_triton
 
 SCALES = (64, 96, 128)
 
@@ -32,13 +32,6 @@ def reference(models):
     backend = OnnxRuntimeBackend(models, threads=1)
     yield backend
     asyncio.run(backend.close())
-
-
-def random_image(seed: int, width: int, height: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    # Smooth noise: the classes differ between images, unlike pure per-pixel noise.
-    small = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
-    return Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
 
 
 def assert_same_classification(actual, expected) -> None:
@@ -63,8 +56,8 @@ def assert_same_classification(actual, expected) -> None:
         ((100, 100), ClassifyOptions(scales=(96,), flip=False, models=("m19",))),
     ],
 )
-def test_results_equal_the_in_process_backend(triton_server, models, reference, size, options):  # noqa: F811
-    image = random_image(sum(size), *size)
+def test_results_equal_the_in_process_backend(triton_server, models, reference, size, options):
+    image = smooth_image(*size, seed=sum(size))
 
     async def both():
         triton = TritonBackend(triton_server.grpc_url, models)
@@ -85,8 +78,8 @@ def test_results_equal_the_in_process_backend(triton_server, models, reference, 
         )
 
 
-def test_only_requested_outputs_come_back(triton_server, models, reference):  # noqa: F811
-    images = np.asarray(random_image(3, 100, 80))[None].transpose(0, 3, 1, 2).copy()
+def test_only_requested_outputs_come_back(triton_server, models, reference):
+    images = np.asarray(smooth_image(100, 80, seed=3))[None].transpose(0, 3, 1, 2).copy()
 
     async def run():
         backend = TritonBackend(triton_server.grpc_url, models)
@@ -111,7 +104,7 @@ def _executions(url: str, model: str) -> tuple[int, int, dict[int, int]]:
     return stats.inference_count, stats.execution_count, sizes
 
 
-def test_concurrent_equal_shapes_are_batched_and_stay_correct(triton_server, models, reference):  # noqa: F811
+def test_concurrent_equal_shapes_are_batched_and_stay_correct(triton_server, models, reference):
     rng = np.random.default_rng(7)
     batches = [rng.integers(0, 256, (2, 3, 224, 256), dtype=np.uint8) for _ in range(12)]
     before = _executions(triton_server.grpc_url, "m19")
@@ -138,7 +131,7 @@ def test_concurrent_equal_shapes_are_batched_and_stay_correct(triton_server, mod
 def test_triton_down_raises_backend_unavailable(models):
     (port,) = free_ports(1)  # nothing listens there
     backend = TritonBackend(f"127.0.0.1:{port}", models)
-    image = random_image(1, 90, 90)
+    image = smooth_image(90, 90, seed=1)
 
     async def run():
         try:
@@ -156,7 +149,7 @@ def test_triton_down_raises_backend_unavailable(models):
     assert "make triton" in message
 
 
-def test_a_model_triton_does_not_serve_is_unavailable(triton_server, models):  # noqa: F811
+def test_a_model_triton_does_not_serve_is_unavailable(triton_server, models):
     ghost = {**models, "ghost": dataclasses.replace(models["m16"], name="ghost")}
     backend = TritonBackend(triton_server.grpc_url, ghost)
     images = np.zeros((1, 3, 64, 64), np.uint8)
@@ -175,7 +168,7 @@ def test_a_model_triton_does_not_serve_is_unavailable(triton_server, models):  #
     asyncio.run(run())
 
 
-def test_timeout_is_a_clear_unavailable(triton_server, models):  # noqa: F811
+def test_timeout_is_a_clear_unavailable(triton_server, models):
     backend = TritonBackend(triton_server.grpc_url, models, timeout_s=0.001)
     images = np.zeros((2, 3, 512, 512), np.uint8)
 
@@ -196,7 +189,7 @@ def test_kill_and_restart_same_backend_recovers(
     repository, _ = two_model_repository
     server = start_triton(repository)
     backend = TritonBackend(server.grpc_url, models, shared_memory=shared_memory)
-    image = random_image(11, 110, 95)
+    image = smooth_image(110, 95, seed=11)
     options = ClassifyOptions(scales=(64, 96))
 
     async def run():
@@ -239,7 +232,7 @@ def test_shared_memory_is_registered_again_after_an_unseen_restart(
     repository, _ = two_model_repository
     server = start_triton(repository)
     backend = TritonBackend(server.grpc_url, models, shared_memory=True)
-    images = np.asarray(random_image(5, 96, 72))[None].transpose(0, 3, 1, 2).copy()
+    images = np.asarray(smooth_image(96, 72, seed=5))[None].transpose(0, 3, 1, 2).copy()
     expected = reference.run("m16", images)["probs"]
 
     async def run():
@@ -275,7 +268,7 @@ def test_concurrent_calls_during_an_outage_all_fail_cleanly(two_model_repository
     server = start_triton(repository)
     backend = TritonBackend(server.grpc_url, models)
     classifier = Classifier(backend, models)
-    image = random_image(8, 120, 90)
+    image = smooth_image(120, 90, seed=8)
     options = ClassifyOptions(scales=(64, 96))
 
     async def run():

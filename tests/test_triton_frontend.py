@@ -6,66 +6,15 @@ down, at start or mid-run; back to 200 when Triton returns, without restarting t
 
 from __future__ import annotations
 
-import io
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
-from PIL import Image
 
-from tritonlocal import LocalTriton
-
-from .conftest import ROOT
-from .test_triton_launcher import free_ports, triton_server  # noqa: F401
+from testkit.images import jpeg
+from testkit.processes import ServerProcess, local_triton
 
 PARAMS = {"scales": "64,96,128", "top_k": 10}
-
-
-class FrontEnd:
-    """``python -m server`` on a port of this suite's range; a context manager."""
-
-    def __init__(self, *args: str, log_dir: Path) -> None:
-        (self.port,) = free_ports(1)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [sys.executable, "-m", "server", "--port", str(self.port), *args]
-        self.log_path = log_dir / f"frontend-{self.port}.log"
-
-    def __enter__(self) -> FrontEnd:
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(
-                self.args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.process.poll() is None, self.log_path.read_text()
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, self.log_path.read_text()
-            time.sleep(0.1)
-
-    def __exit__(self, *_exc) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-def jpeg(seed: int, width: int, height: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
-    image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
 
 
 def classify(url: str, data: bytes, **params) -> httpx.Response:
@@ -73,14 +22,18 @@ def classify(url: str, data: bytes, **params) -> httpx.Response:
     return httpx.post(f"{url}/v1/classify", params={**PARAMS, **params}, files=files, timeout=60)
 
 
-def test_same_answers_as_the_embedded_backend(triton_server, two_model_repository, tmp_path):  # noqa: F811
+def test_same_answers_as_the_embedded_backend(triton_server, two_model_repository, tmp_path):
     repository, _ = two_model_repository
     common = ["--repository", str(repository)]
-    images = [jpeg(1, 120, 90), jpeg(2, 77, 150), jpeg(3, 200, 200)]
+    images = [
+        jpeg(120, 90, seed=1, quality=95),
+        jpeg(77, 150, seed=2, quality=95),
+        jpeg(200, 200, seed=3, quality=95),
+    ]
     triton_args = ["--backend", "triton", "--triton-url", triton_server.grpc_url]
     with (
-        FrontEnd(*common, *triton_args, log_dir=tmp_path) as via_triton,
-        FrontEnd(*common, log_dir=tmp_path) as embedded,
+        ServerProcess(*common, *triton_args, log_dir=tmp_path) as via_triton,
+        ServerProcess(*common, log_dir=tmp_path) as embedded,
     ):
         assert httpx.get(f"{via_triton.url}/readyz").json()["ready"] is True
         models = httpx.get(f"{via_triton.url}/v1/models").json()["models"]
@@ -112,10 +65,10 @@ def wait_for(condition, what: str, timeout: float = 15) -> None:
 
 def test_503_while_triton_is_down_then_success_without_restarting(two_model_repository, tmp_path):
     repository, _ = two_model_repository
-    http, grpc, metrics = free_ports(3)
-    triton = LocalTriton(repository, http, grpc, metrics)
-    image = jpeg(4, 110, 100)
-    with FrontEnd(
+    triton = local_triton(repository)
+    grpc = triton.ports["grpc"]
+    image = jpeg(110, 100, seed=4, quality=95)
+    with ServerProcess(
         "--repository",
         str(repository),
         "--backend",
@@ -149,7 +102,7 @@ def test_503_while_triton_is_down_then_success_without_restarting(two_model_repo
             wait_for(lambda: classify(front.url, image).status_code == 200, "200 after restart")
             assert httpx.get(f"{front.url}/readyz").json()["ready"] is True
             assert classify(front.url, image).json()["predictions"] == before["predictions"]
-            assert front.process.poll() is None  # the same front-end process throughout
+            assert front.alive()  # the same front-end process throughout
         finally:
             triton.kill()
             triton.close()

@@ -1,14 +1,8 @@
-"""The local Triton launcher: the twin repository, the real tritonserver, starting and stopping.
-
-Also home of the Triton fixtures the other Triton test modules import (``triton_server``,
-``start_triton``, ``free_ports``): one real server per test session, started by
-:class:`tritonlocal.LocalTriton` over the twin of ``two_model_repository``.
-"""
+"""The local Triton launcher: the twin repository, the real tritonserver, starting and stopping."""
 
 from __future__ import annotations
 
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -23,55 +17,11 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from export.repository import ModelInfo, config_text, model_config
+from testkit import REPOSITORY_ROOT as ROOT
+from testkit.ports import free_ports
+from testkit.processes import start_triton
 from tritonlocal import LocalTriton, TritonStartError, port_is_free, twin_config, write_twin
 from tritonlocal.twin import MODEL_TEMPLATE
-
-from .conftest import ROOT
-
-PORTS = range(19000, 20000)  # this suite's share of the machine's ports
-_handed_out: set[int] = set()
-_servers: dict[str, LocalTriton] = {}
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` ports of 19000-19999 free now and not yet handed out in this session."""
-    ports: list[int] = []
-    start = random.randrange(len(PORTS))
-    for offset in range(len(PORTS)):
-        port = PORTS[(start + offset) % len(PORTS)]
-        if port not in _handed_out and port_is_free(port):
-            _handed_out.add(port)
-            ports.append(port)
-            if len(ports) == count:
-                return ports
-    raise RuntimeError("no free ports left in 19000-19999")
-
-
-def start_triton(repository: Path, **kwargs) -> LocalTriton:
-    """A new real tritonserver on free ports, ready."""
-    http, grpc, metrics = free_ports(3)
-    return LocalTriton(repository, http, grpc, metrics, **kwargs).start()
-
-
-@pytest.fixture(scope="session")
-def triton_server(two_model_repository):
-    """One tritonserver for the whole session, serving the twin of the two small models.
-
-    Test modules that import this fixture get their own fixture definition; the server itself
-    is shared through ``_servers``. Tests that kill Triton start their own with start_triton.
-    """
-    repository, _ = two_model_repository
-    key = str(repository)
-    if key not in _servers or not _servers[key].running():
-        # Runs of at most 4 requests of 2 x 224 x 256: the batching test then also exercises
-        # the model's splitting of a large batch into several ONNX Runtime runs.
-        limit = {"VGGSERVE_TRITON_MAX_RUN_PIXELS": str(4 * 2 * 224 * 256)}
-        _servers[key] = start_triton(repository, environment=limit)
-    yield _servers[key]
-    server = _servers.pop(key, None)
-    if server is not None:
-        server.close()
-
 
 # --- the twin: one source of truth --------------------------------------------------------------
 

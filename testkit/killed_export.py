@@ -1,6 +1,6 @@
 """An export into a model repository that SIGKILLs itself at a chosen file-system step.
 
-    python -m loadtest.killed_export REPOSITORY NAME VERSION STEP SOURCE_MODEL_DIR
+    python -m testkit.killed_export REPOSITORY NAME VERSION STEP SOURCE_MODEL_DIR
 
 Runs :func:`export.repository.write_model` (what ``export/to_onnx.py`` ends with) for model
 ``NAME`` version ``VERSION``, with the graph, labels and parameters of the already exported
@@ -23,12 +23,8 @@ import signal
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from export.repository import ModelInfo, write_model  # noqa: E402
-from inference.repository import read_model  # noqa: E402
+from export.repository import ModelInfo, write_model
+from inference.repository import read_model
 
 
 class KillSwitch:
@@ -39,6 +35,7 @@ class KillSwitch:
         self.count = 0
 
     def step(self, partial_write=None) -> None:
+        """Count one operation; at operation ``at``, run ``partial_write`` and SIGKILL."""
         if self.count == self.at:
             if partial_write is not None:
                 partial_write()

@@ -12,8 +12,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from loadtest.checks import Expected
-from loadtest.imageset import Upload
+from testkit.checks import Expected
+from testkit.images import Upload
 
 # Weights of the modes: multi-crop runs 25 crops per scale, ~5x the work of dense.
 MODES = (("dense", 85), ("multicrop", 10), ("both", 5))

@@ -4,8 +4,9 @@ This file is installed as ``<model>/<version>/model.py`` of the local twin repos
 :mod:`tritonlocal.twin`); ``model.onnx`` beside it is a link to the production repository's
 file, so the twin serves exactly the graph NVIDIA's ``onnxruntime_onnx`` backend would.
 
-It runs inside Triton's Python stub, which knows nothing of this project, so it depends only on
-numpy, onnxruntime and ``triton_python_backend_utils``.
+It runs inside Triton's Python stub, on the interpreter that started the server (its ``bin`` is
+first on the stub's PATH), so the session is opened with the project's own choices
+(:func:`inference.backends.onnxruntime.session_options`).
 """
 
 from __future__ import annotations
@@ -18,33 +19,12 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
+from inference.backends.onnxruntime import session_options
+from inference.cores import available_cores
+
 OUTPUTS = ("probs", "scores")
 # Largest run, in input pixels (N x H x W): 8 views of 512x683, ~0.7 GB of VGG activations.
 MAX_RUN_PIXELS = int(os.environ.get("VGGSERVE_TRITON_MAX_RUN_PIXELS", str(8 * 512 * 683)))
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def _session_options(threads: int) -> ort.SessionOptions:
-    """The same choices as ``inference.backends.onnxruntime.session_options``.
-
-    The CPU arena and memory patterns only grow with one new input shape per image size, and
-    modest intra-op threads keep Triton and the front end from thrashing on a small machine.
-    """
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.enable_cpu_mem_arena = False
-    options.enable_mem_pattern = False
-    options.log_severity_level = 3
-    return options
 
 
 class TritonPythonModel:
@@ -67,9 +47,9 @@ class TritonPythonModel:
         # Instances of this model share the cores: each gets its part (at least one thread).
         instances = sum(group.get("count", 1) for group in config.get("instance_group", [])) or 1
         threads = int(os.environ.get("VGGSERVE_TRITON_THREADS", "0"))
-        threads = threads or max(1, _cores() // instances)
+        threads = threads or max(1, available_cores() // instances)
         self.session = ort.InferenceSession(
-            str(path), _session_options(threads), providers=["CPUExecutionProvider"]
+            str(path), session_options(threads), providers=["CPUExecutionProvider"]
         )
 
     def execute(self, requests: list) -> list:

@@ -27,11 +27,17 @@ def start_locust(
     think_time: str = "0.05,0.5",
     events_file: Path | None = None,
     log_path: Path | None = None,
+    expected_posteriors: Path | None = None,
+    stop_after: tuple[int, int] = (0, 0),
 ) -> subprocess.Popen:
-    """Start a headless Locust run against ``host``; it stops by itself after ``duration``.
+    """Start a headless Locust run against ``host``; it stops by itself after ``duration``, or
+    once ``stop_after`` = (classify, batch) requests have completed (0: no count), whichever
+    comes first.
 
     ``duration`` is Locust's ``--run-time`` (``30s``, ``10m``). Its exit code is 0 when no request
-    failed, 1 otherwise. The CSV files are ``<csv_prefix>_stats.csv`` etc.
+    failed, 1 otherwise. The CSV files are ``<csv_prefix>_stats.csv`` etc. With
+    ``expected_posteriors`` (:mod:`testkit.expected_posteriors`) every answer's probabilities
+    are checked too.
     """
     command = [
         sys.executable,
@@ -60,6 +66,10 @@ def start_locust(
     ]
     if events_file is not None:
         command += ["--events-file", str(events_file)]
+    if expected_posteriors is not None:
+        command += ["--expected-posteriors", str(expected_posteriors)]
+    classify, batch = stop_after
+    command += ["--stop-after-classify", str(classify), "--stop-after-batch", str(batch)]
     output = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
     try:
         return subprocess.Popen(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
@@ -296,6 +297,24 @@ def compute(
         model_scales={name: tuple(s) for name, s in model_scales.items()},
         shape_multiple=shape_multiple,
     )
+
+
+def cached(
+    repository: Path | str,
+    model_scales: Mapping[str, Sequence[int]],
+    shape_multiple: int | None = None,
+    modes: Sequence[str] = MODES,
+) -> Path:
+    """:func:`compute` for the image set, saved beside ``repository`` and computed only once for
+    the same repository and arguments (later calls, from any process, return the file)."""
+    repository = Path(repository).resolve()
+    key = json.dumps([str(repository), sorted(model_scales.items()), shape_multiple, list(modes)])
+    path = repository.parent / f"expected-posteriors-{fingerprint(key.encode())[:16]}.json"
+    if not path.is_file():
+        scratch = path.with_suffix(f".{os.getpid()}.partial")
+        compute(repository, model_scales, shape_multiple=shape_multiple, modes=modes).save(scratch)
+        os.replace(scratch, path)  # whole or absent, whoever computed it
+    return path
 
 
 def served(models_body: dict[str, Any]) -> tuple[dict[str, tuple[int, ...]], int | None]:

@@ -150,6 +150,28 @@ def exchange(
         return Exchange(response, received, closed, reset)
 
 
+def read_response(sock: socket.socket) -> Exchange:
+    """Read the answer to what was sent on ``sock``: until the response is complete, or the
+    server closes the connection, or the socket's timeout passes without a byte."""
+    received, closed, reset, response = b"", False, False, None
+    while response is None and not closed:
+        try:
+            data = sock.recv(1 << 16)
+        except ConnectionResetError:
+            data, reset = b"", True
+        except TimeoutError:
+            break
+        closed = not data
+        received += data
+        try:
+            response = parse_response(received, closed)
+        except Incomplete:
+            pass
+        except ValueError:
+            break
+    return Exchange(response, received, closed, reset)
+
+
 def _tcp_queues() -> dict[tuple[int, int], tuple[int, int]]:
     """(local port, remote port) -> (send queue, receive queue) bytes of loopback TCP sockets."""
     queues = {}

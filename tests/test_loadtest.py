@@ -16,6 +16,7 @@ import sys
 import pytest
 from fastapi.testclient import TestClient
 
+from loadtest.locust_runner import read_failures
 from loadtest.monitor import Sample, growth
 from loadtest.run import SMALL_SCALES
 from server.main import create_app
@@ -133,12 +134,13 @@ def test_runs_fail_on_error_answers_and_on_wrong_numbers(
             ),
         ]
         (refused_code, refused), (wrong_code, wrong_numbers) = (finish(run) for run in runs)
-    assert refused_code == 1, refused
+    assert refused_code == 1 and "FAILED" in refused, refused
     assert "expected posteriors (dense) of the image set computed" in refused
-    assert "413" in refused and "FAILED" in refused, refused
-    assert wrong_code == 1, wrong_numbers
-    assert "probability" in wrong_numbers and "FAILED" in wrong_numbers, wrong_numbers
-    assert "413" not in wrong_numbers
+    errors = [row["Error"] for row in read_failures(tmp_path / "refused" / "locust")]
+    assert errors and all("413: " in error for error in errors), refused
+    assert wrong_code == 1 and "FAILED" in wrong_numbers, wrong_numbers
+    errors = [row["Error"] for row in read_failures(tmp_path / "wrong" / "locust")]
+    assert errors and all("wrong" in e and "probability" in e for e in errors), wrong_numbers
 
 
 @pytest.fixture(scope="module")

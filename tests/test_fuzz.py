@@ -361,8 +361,13 @@ HOSTILE_REQUESTS = {
         PARSER,
     ),
     "half a head, then FIN": (b"GET /healthz HTTP/1.1\r\nHost: x\r\n", CLOSE),
-    "body cut short, then FIN": (
-        b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc",
+    # A multipart upload: the app waits for the whole body before it can answer (without a
+    # multipart Content-Type it would answer 400 at once, before or after the FIN arrives).
+    "upload cut short, then FIN": (
+        b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+        b"Content-Type: multipart/form-data; boundary=zz\r\n\r\n--zz\r\n"
+        b'Content-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
+        + SEEDS["JPEG"][:100],
         CLOSE,
     ),
 }

@@ -60,8 +60,8 @@ def tolerance_for(largest_score: float) -> float:
     most ``delta / 2`` (dp_i/dz_j = p_i (1[i=j] - p_j), so |dp_i| <= 2 p_i (1 - p_i) delta),
     and the means over views, scales and models keep the bound. So: ``32 eps |s|``, and never
     less than the rounding of the float32 probabilities themselves. For the small test models
-    (|s| about 1 to 3) that is 4e-6 to 1.2e-5; measured: batches of 1, 2, 4, 25 and 50 views,
-    on 1 or 2 threads, differ by at most 1.5e-8 (one float32 unit at 0.1 to 0.25).
+    (|s| about 0.7 to 1.2) that is 2.7e-6 to 4.4e-6; measured: batches of 1, 2, 4, 25 and 50
+    views, on 1 or 2 threads, differ by at most 1.5e-8 (one float32 unit at 0.1 to 0.25).
     """
     return max(OUTPUT_ROUNDING, ROUNDINGS_PER_LOGIT * FLOAT32_EPSILON * abs(largest_score) / 2)
 

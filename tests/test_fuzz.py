@@ -72,8 +72,9 @@ def warm(client) -> None:
 
 
 @pytest.fixture(scope="module")
-def client(two_model_repository, app_log):
-    """The app in this process; ``client.baseline``: this process's resources once warm."""
+def client(two_model_repository, app_log, library):
+    """The app in this process; ``client.baseline``: this process's resources once warm (the
+    library's sessions, which live in this process too, already open)."""
     repository, _ = two_model_repository
     with TestClient(create_app(Settings(repository=repository, **LIMITS))) as client:
         warm(client)

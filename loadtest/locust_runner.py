@@ -7,9 +7,12 @@ tests measure is what ``loadtest/run.sh`` reports.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,11 +30,17 @@ def start_locust(
     think_time: str = "0.05,0.5",
     events_file: Path | None = None,
     log_path: Path | None = None,
+    expected_posteriors: Path | None = None,
+    stop_after: tuple[int, int] = (0, 0),
 ) -> subprocess.Popen:
-    """Start a headless Locust run against ``host``; it stops by itself after ``duration``.
+    """Start a headless Locust run against ``host``; it stops by itself after ``duration``, or
+    once ``stop_after`` = (classify, batch) requests have completed (0: no count), whichever
+    comes first.
 
     ``duration`` is Locust's ``--run-time`` (``30s``, ``10m``). Its exit code is 0 when no request
-    failed, 1 otherwise. The CSV files are ``<csv_prefix>_stats.csv`` etc.
+    failed, 1 otherwise. The CSV files are ``<csv_prefix>_stats.csv`` etc. With
+    ``expected_posteriors`` (:mod:`testkit.expected_posteriors`) every answer's probabilities
+    are checked too.
     """
     command = [
         sys.executable,
@@ -60,6 +69,10 @@ def start_locust(
     ]
     if events_file is not None:
         command += ["--events-file", str(events_file)]
+    if expected_posteriors is not None:
+        command += ["--expected-posteriors", str(expected_posteriors)]
+    classify, batch = stop_after
+    command += ["--stop-after-classify", str(classify), "--stop-after-batch", str(batch)]
     output = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
     try:
         return subprocess.Popen(
@@ -73,6 +86,82 @@ def start_locust(
     finally:
         if log_path:
             output.close()
+
+
+@dataclass(frozen=True)
+class RequestEvent:
+    """One completed request of ``--events-file``: when it ended (unix time), when it started,
+    its endpoint, HTTP status (0: no answer), whether it passed the checks, and why not."""
+
+    t: float
+    start: float
+    name: str
+    status: int
+    ok: bool
+    error: str | None
+
+
+class RequestEvents:
+    """The requests a Locust run has completed so far, read from its ``--events-file``.
+
+    :meth:`wait_until` is how a test waits for an event of the load (so many successes, a
+    failure) instead of sleeping for a time that a loaded machine may not keep.
+    """
+
+    def __init__(self, path: Path, locust: subprocess.Popen | None = None) -> None:
+        self.path = Path(path)
+        self.locust = locust
+        self.records: list[RequestEvent] = []
+        self._offset = 0
+
+    def read(self) -> list[RequestEvent]:
+        """Every request completed so far (the file is read on from where it was left)."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return self.records
+        whole = data[: data.rfind(b"\n") + 1]  # a line still being written waits for later
+        self._offset += len(whole)
+        for line in whole.decode().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                self.records.append(
+                    RequestEvent(
+                        t=record["t"],
+                        start=record["t"] - record["ms"] / 1000,
+                        name=record["name"],
+                        status=record["status"],
+                        ok=record["ok"],
+                        error=record["error"],
+                    )
+                )
+        return self.records
+
+    def wait_until(
+        self,
+        condition: Callable[[list[RequestEvent]], bool],
+        what: str,
+        timeout: float = 300,
+        poll_s: float = 0.05,
+    ) -> list[RequestEvent]:
+        """Poll until ``condition(records)`` holds; raises ``TimeoutError`` (saying ``what``)
+        after ``timeout`` seconds, which only bounds a hang, or ``RuntimeError`` if Locust
+        exits first."""
+        deadline = time.monotonic() + timeout
+        while not condition(self.read()):
+            if self.locust is not None and self.locust.poll() is not None:
+                raise RuntimeError(
+                    f"Locust exited (code {self.locust.returncode}) before {what}: "
+                    f"{len(self.records)} requests completed"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"no {what} within {timeout:.0f} s: {len(self.records)} requests completed"
+                )
+            time.sleep(poll_s)
+        return self.records
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,19 @@
     loadtest/run.sh --repository model_repository --users 4 --duration 5m    # full-size models
     loadtest/run.sh --soak                             # 10 min; RSS and open files must stay flat
     loadtest/run.sh --host http://127.0.0.1:8080       # a server that is already running
+    loadtest/run.sh --stop-after-classify 200 --stop-after-batch 50 --duration 10m  # by counts
+
+Before the load starts, the expected posteriors of the image set are computed in this process
+from the served repository (``testkit.expected_posteriors``), so Locust checks every answer's
+probabilities, not only its structure (``--check-probabilities``; with ``--host``, give the
+server's ``--repository`` too).
 
 Writes into ``--out`` (default ``loadtest/results/<time>-<backend>``): Locust's CSV statistics
 (``locust_stats.csv``, ``locust_stats_history.csv``, ``locust_failures.csv``), the sampled
-resources (``resources.csv``), the logs and ``summary.json``; prints p50/p95/p99 latency,
-requests/s and failures. Exit code 0 when no request failed (and, with ``--soak``, RSS and open
-files grew less than ``--max-growth`` after warm-up), 1 otherwise, 2 when it could not start.
+resources (``resources.csv``), the expected posteriors, the logs and ``summary.json``; prints
+p50/p95/p99 latency, requests/s and failures. Exit code 0 when no request failed (and, with
+``--soak``, RSS and open files grew less than ``--max-growth`` after warm-up), 1 otherwise, 2
+when it could not start.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from loadtest.locust_runner import (
 )
 from loadtest.monitor import ResourceMonitor, Sample, growth
 from testkit import REPOSITORY_ROOT
+from testkit.expected_posteriors import MODES, compute_for_server
 from testkit.models import write_small_repository
 from testkit.processes import ServerProcess, start_triton
 
@@ -59,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="model repository to serve (default: two small VGGs exported into "
-        f"{SMALL_REPOSITORY.relative_to(REPOSITORY_ROOT)} on first use)",
+        f"{SMALL_REPOSITORY.relative_to(REPOSITORY_ROOT)} on first use); with --host, the "
+        "repository that server serves (to compute the expected probabilities)",
     )
     parser.add_argument(
         "--scales",
@@ -69,7 +78,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--users", type=int, default=None, help="concurrent Locust users (8)")
     parser.add_argument("--spawn-rate", type=float, default=4.0, help="users started per second")
-    parser.add_argument("--duration", default=None, help="Locust --run-time: 30s, 5m, ... (30s)")
+    parser.add_argument(
+        "--duration",
+        default=None,
+        help="Locust --run-time: 30s, 5m, ... (30s); with --stop-after-*, only a bound on a hang",
+    )
+    parser.add_argument(
+        "--stop-after-classify",
+        type=int,
+        default=0,
+        metavar="N",
+        help="stop once N POST /v1/classify requests have completed (and the batch count, if "
+        "given, is reached too)",
+    )
+    parser.add_argument(
+        "--stop-after-batch",
+        type=int,
+        default=0,
+        metavar="M",
+        help="stop once M POST /v1/classify/batch requests have completed",
+    )
+    parser.add_argument(
+        "--check-probabilities",
+        choices=("all", "dense", "off"),
+        default="all",
+        help="compare every answer's probabilities with the ones computed here for its image "
+        "and query (dense: skip multi-crop answers, whose views take minutes to compute for "
+        "full-size models; off: the structure only)",
+    )
+    parser.add_argument(
+        "--expected-posteriors",
+        type=Path,
+        default=None,
+        help="use these precomputed posteriors (python -m testkit.expected_posteriors) instead "
+        "of computing them",
+    )
     parser.add_argument(
         "--think-time", default=None, help="MIN,MAX seconds between a user's requests (0.05,0.5)"
     )
@@ -117,7 +160,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.warmup_s = SOAK["warmup_s"] if args.soak else 0.0
     if args.users < 1:
         parser.error("--users must be at least 1")
+    if args.stop_after_classify < 0 or args.stop_after_batch < 0:
+        parser.error("--stop-after-classify and --stop-after-batch must be 0 or more")
     return args
+
+
+def expected_posteriors(
+    args: argparse.Namespace, host: str, repository: Path | None, out: Path
+) -> Path | None:
+    """The expected posteriors file for this run, or None when probabilities are not checked."""
+    if args.expected_posteriors is not None:
+        return args.expected_posteriors
+    if args.check_probabilities == "off":
+        return None
+    if repository is None:
+        print("probabilities not checked: give --repository, the one the server serves")
+        return None
+    modes = MODES if args.check_probabilities == "all" else ("dense",)
+    started = time.monotonic()
+    path = compute_for_server(host, repository, modes).save(out / "expected_posteriors.json")
+    print(
+        f"expected posteriors ({', '.join(modes)}) of the image set computed in "
+        f"{time.monotonic() - started:.1f} s: {path}",
+        flush=True,
+    )
+    return path
 
 
 def timeline(
@@ -158,10 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         watched: dict[str, tuple[int, bool]] = {}
         front = None
+        repository = args.repository
         if args.host:
             host = args.host.rstrip("/")
         else:
-            repository = args.repository
             scales = args.scales
             if repository is None:
                 repository = SMALL_REPOSITORY
@@ -179,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             host = front.url
             print(f"server: {shlex.join(front.command)}", flush=True)
 
+        expected = expected_posteriors(args, host, repository, out)
         csv_prefix = out / "locust"
         events = out / "events.jsonl" if args.events_file else None
         started = time.time()
@@ -192,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.think_time,
                 events,
                 out / "locust.log",
+                expected,
+                (args.stop_after_classify, args.stop_after_batch),
             )
             locust_code = locust.wait()
         elapsed = time.time() - started
@@ -216,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         "backend": args.backend,
         "users": args.users,
         "duration": args.duration,
+        "stop_after": {"classify": args.stop_after_classify, "batch": args.stop_after_batch},
+        "probabilities_checked": expected is not None,
         "elapsed_s": round(elapsed, 1),
         "locust_exit_code": locust_code,
         **summary.as_dict(),

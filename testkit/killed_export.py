@@ -12,6 +12,14 @@ last operation lets the export finish; it then prints the number of steps it too
 
 Nothing is mocked: the repository on disk is left exactly as a power cut or an OOM kill at
 that instant would leave it.
+
+    python -m testkit.killed_export --every-step PRISTINE WORK NAME VERSION SOURCE_MODEL_DIR
+
+does it for every step at once: the export runs to the end on a copy of the repository
+``PRISTINE`` (``WORK/finished/repo``), then once per step on a fresh copy
+(``WORK/step-N/repo``), each in a child forked from this one process (one interpreter start, not
+one per step); it prints ``{"steps": N, "exit_codes": [...]}``, each child's exit code (-9 for
+SIGKILL).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import os
 import shutil
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 from export.repository import ModelInfo, write_model
@@ -73,10 +82,9 @@ class KillSwitch:
         shutil.rmtree = wrap(rmtree)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """See the module docstring."""
-    repository, name, version, step, source = sys.argv[1:] if argv is None else argv
-    entry = read_model(Path(source))
+def _export(repository: Path, name: str, version: int, source: Path, at: int) -> KillSwitch:
+    """Write model ``name`` into ``repository`` from ``source``, killed at step ``at``."""
+    entry = read_model(source)
     info = ModelInfo(
         name=name,
         num_classes=entry.num_classes,
@@ -87,9 +95,58 @@ def main(argv: list[str] | None = None) -> int:
         precision=entry.precision,
     )
     onnx_bytes = entry.onnx_path.read_bytes()
-    switch = KillSwitch(int(step))
+    switch = KillSwitch(at)
     switch.install()
-    write_model(Path(repository), info, int(version), onnx_bytes, entry.labels)
+    write_model(repository, info, version, onnx_bytes, entry.labels)
+    return switch
+
+
+def _in_child(run) -> int:
+    """Run ``run()`` in a forked child; its exit code (negative: the signal that ended it)."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns to the caller's stack
+        code = 1
+        try:
+            run()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def every_step(pristine: Path, work: Path, name: str, version: int, source: Path) -> dict:
+    """See the module docstring (``--every-step``)."""
+    finished = work / "finished" / "repo"
+    shutil.copytree(pristine, finished)
+    read_end, write_end = os.pipe()
+
+    def to_the_end() -> None:
+        steps = _export(finished, name, version, source, at=-1).count
+        os.write(write_end, str(steps).encode())
+
+    if _in_child(to_the_end) != 0:
+        raise RuntimeError(f"the export into {finished} failed")
+    steps = int(os.read(read_end, 64))
+    codes = []
+    for step in range(steps):
+        repository = work / f"step-{step}" / "repo"
+        shutil.copytree(pristine, repository)
+        codes.append(_in_child(lambda r=repository, s=step: _export(r, name, version, source, s)))
+    return {"steps": steps, "exit_codes": codes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """See the module docstring."""
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "--every-step":
+        pristine, work, name, version, source = args[1:]
+        result = every_step(Path(pristine), Path(work), name, int(version), Path(source))
+        print(json.dumps(result))
+        return 0
+    repository, name, version, step, source = args
+    switch = _export(Path(repository), name, int(version), Path(source), int(step))
     print(json.dumps({"finished": True, "steps": switch.count}))
     return 0
 

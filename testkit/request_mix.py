@@ -9,11 +9,15 @@ works against the small test models and against full-size VGG-16/19.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from testkit.checks import Expected
 from testkit.images import Upload
+
+if TYPE_CHECKING:
+    from testkit.expected_posteriors import ImagePosteriors
 
 # Weights of the modes: multi-crop runs 25 crops per scale, ~5x the work of dense.
 MODES = (("dense", 85), ("multicrop", 10), ("both", 5))
@@ -27,6 +31,8 @@ class ServerInfo:
     models: tuple[str, ...]
     classes: int
     default_scales: tuple[int, ...]
+    # Each model's own serving scales (what it runs at when a request names none).
+    model_scales: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def server_info(body: dict[str, Any]) -> ServerInfo:
@@ -35,11 +41,15 @@ def server_info(body: dict[str, Any]) -> ServerInfo:
         models = tuple(entry["name"] for entry in body["models"])
         classes = min(int(entry["classes"]) for entry in body["models"])
         scales = tuple(int(q) for q in body["default_scales"])
+        model_scales = {
+            entry["name"]: tuple(int(q) for q in entry.get("scales") or scales)
+            for entry in body["models"]
+        }
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"unexpected /v1/models body ({exc!r}): {body!r:.200}") from None
     if not models or not scales:
         raise ValueError(f"the server serves no models or no scales: {body!r:.200}")
-    return ServerInfo(models=models, classes=classes, default_scales=scales)
+    return ServerInfo(models, classes, scales, model_scales)
 
 
 @dataclass(frozen=True)
@@ -53,9 +63,13 @@ class Plan:
     models: tuple[str, ...]
     mode: str
     heatmap: bool
+    # The scales each chosen model runs at: ``scales`` when the request names them, else each
+    # model's own (None: every model at ``scales``).
+    model_scales: Mapping[str, tuple[int, ...]] | None = None
 
-    def expected(self, upload: Upload) -> Expected:
-        """What a correct answer for ``upload`` under this plan looks like."""
+    def expected(self, upload: Upload, posteriors: ImagePosteriors | None = None) -> Expected:
+        """What a correct answer for ``upload`` under this plan looks like; with the image's
+        ``posteriors``, its probabilities too."""
         return Expected(
             top_k=self.top_k,
             scales=self.scales,
@@ -65,6 +79,8 @@ class Plan:
             heatmap=self.heatmap,
             width=upload.width,
             height=upload.height,
+            posteriors=posteriors,
+            model_scales=self.model_scales,
         )
 
 
@@ -94,7 +110,16 @@ def choose_plan(rng: random.Random, info: ServerInfo) -> Plan:
     mode = rng.choices([m for m, _ in MODES], weights=[w for _, w in MODES])[0]
     if mode != "dense":
         params["mode"] = mode
-    return Plan(params, top_k, scales, flip, models, mode, heatmap)
+    if "scales" in params:
+        model_scales = {name: scales for name in models}
+    else:
+        model_scales = {name: info.model_scales.get(name, scales) for name in models}
+        # The server reports the chosen models' scales, their union when they differ.
+        distinct = set(model_scales.values())
+        scales = (
+            next(iter(distinct)) if len(distinct) == 1 else tuple(sorted(set().union(*distinct)))
+        )
+    return Plan(params, top_k, scales, flip, models, mode, heatmap, model_scales)
 
 
 def choose_uploads(rng: random.Random, images: list[Upload], count: int) -> list[Upload]:

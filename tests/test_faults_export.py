@@ -53,23 +53,21 @@ def assert_loadable(repository: Path) -> dict[str, bytes]:
     return served
 
 
-def killed_export(repository: Path, name: str, version: int, step: int, source: Path):
-    return subprocess.run(
+def kill_at_every_step(pristine: Path, work: Path, name: str, version: int, source: Path):
+    """``python -m testkit.killed_export --every-step``: the export run to the end, then killed
+    at each of its file-system steps, each on a fresh copy of ``pristine`` under ``work``."""
+    result = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "testkit.killed_export",
-            str(repository),
-            name,
-            str(version),
-            str(step),
-            str(source),
+            *(sys.executable, "-m", "testkit.killed_export", "--every-step"),
+            *(str(pristine), str(work), name, str(version), str(source)),
         ],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
     )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -82,20 +80,15 @@ def test_export_killed_at_every_step_leaves_the_repository_loadable(
     before = served_bytes(pristine)
     new = (source / "1" / "model.onnx").read_bytes()
 
-    finished = tmp_path / "finished" / "repo"
-    shutil.copytree(pristine, finished)
-    result = killed_export(finished, name, version, 10**6, source)
-    assert result.returncode == 0, result.stderr
-    steps = json.loads(result.stdout)["steps"]
-    assert served_bytes(finished)[name] == new
+    result = kill_at_every_step(pristine, tmp_path, name, version, source)
+    steps = result["steps"]
+    assert served_bytes(tmp_path / "finished" / "repo")[name] == new
     assert steps >= 8  # writes, fsyncs, renames: every one of them is a kill point below
+    assert result["exit_codes"] == [-signal.SIGKILL] * steps, result
 
     outcomes = []
     for step in range(steps):
         repository = tmp_path / f"step-{step}" / "repo"
-        shutil.copytree(pristine, repository)
-        result = killed_export(repository, name, version, step, source)
-        assert result.returncode == -signal.SIGKILL, (step, result.stdout, result.stderr)
         served = assert_loadable(repository)
         if name in before:
             assert served[name] in (before[name], new), f"step {step}: neither old nor new"

@@ -8,6 +8,7 @@
 - :mod:`testkit.checks`: what a correct classify response looks like.
 - :mod:`testkit.request_mix`: the query parameters clients of the API send, drawn at random.
 - :mod:`testkit.logs`: what an app running in this process logs, as text.
+- :mod:`testkit.tolerances`: how far two floating-point evaluations of a VGG may differ.
 - :mod:`testkit.killed_export`: ``python -m testkit.killed_export``, an export that SIGKILLs
   itself at a chosen file-system step.
 

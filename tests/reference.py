@@ -1,10 +1,13 @@
-"""An independent plain-PyTorch reference of the paper's dense evaluation.
+"""An independent plain-PyTorch reference of the paper's dense and multi-crop evaluation.
 
-Written from the paper (section 3.2) and torchvision's VGG alone, without vgg/, export/ or
-inference/: the FC layers are applied as convolutions with ``F.conv2d`` on reshaped weights.
+Written from the paper (sections 3.2 and 4.3, Table 5) and torchvision's VGG alone, without
+vgg/, export/ or inference/: the FC layers are applied as convolutions with ``F.conv2d`` on
+reshaped weights, in float64.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -62,11 +65,79 @@ def protocol_probs(
     models: list, image: Image.Image, scales=(256, 384, 512), flip: bool = True, mean=MEAN, std=STD
 ) -> np.ndarray:
     """Posterior averaged over flips, then scales, then models (paper sections 3.2 and 4.4)."""
-    per_model = []
+    return protocol(models, image, scales, flip, mean=mean, std=std).probs
+
+
+GRID = 5  # crops per side in multi-crop evaluation: 5 x 5 per scale (paper section 4.3)
+
+
+def crops(views: torch.Tensor, size: int, grid: int = GRID) -> torch.Tensor:
+    """(1, 3, H, W) -> (grid * grid, 3, size, size): ``size``-sided crops whose starts are evenly
+    spaced along each side, the first at 0 and the last at the far border, row by row."""
+    _, _, height, width = views.shape
+
+    def starts(length: int) -> list[int]:
+        return [int(np.floor(i * max(length - size, 0) / (grid - 1) + 0.5)) for i in range(grid)]
+
+    found = [
+        views[0, :, top : top + size, left : left + size]
+        for top in starts(height)
+        for left in starts(width)
+    ]
+    return torch.stack(found)
+
+
+def multicrop_probs(
+    model, image: Image.Image, q: int, crop: int, flip: bool = True, mean=MEAN, std=STD
+) -> tuple[np.ndarray, float]:
+    """One scale of multi-crop evaluation: the mean posterior of the 5 x 5 crops of the image
+    rescaled to Q (and of their mirror images), and the largest class score of any crop."""
+    views = crops(to_batch(rescale(image, q), flip=False), crop)
+    if flip:
+        views = torch.cat([views, torch.flip(views, dims=[3])])
+    scores = dense_scores(model, views, mean, std)
+    probs = torch.softmax(scores.mean(dim=(2, 3)), dim=1).numpy()
+    return probs.mean(axis=0), float(scores.abs().max())
+
+
+@dataclass
+class Posteriors:
+    """What the reference says of one image: the fused posterior, each model's posterior, and
+    the largest class score any view produced (the soft-max's input scale, for error bounds)."""
+
+    probs: np.ndarray
+    per_model: list[np.ndarray] = field(default_factory=list)
+    largest_score: float = 0.0
+
+
+def protocol(
+    models: list,
+    image: Image.Image,
+    scales=(256, 384, 512),
+    flip: bool = True,
+    mode: str = "dense",
+    crop: int = 64,
+    mean=MEAN,
+    std=STD,
+) -> Posteriors:
+    """The full protocol for one image. ``mode`` "dense": each scale's posterior is that of the
+    whole rescaled image (and its flip); "multicrop": the mean over ``crop``-sided crops (and
+    their flips); "both": per model, the mean of the dense and the multi-crop posteriors (each
+    already averaged over scales; Table 5). Then the mean over models."""
+    per_model, largest = [], 0.0
     for model in models:
-        per_scale = []
+        dense, multicrop = [], []
         for q in scales:
-            probs = dense_probs(model, to_batch(rescale(image, q), flip), mean, std)
-            per_scale.append(probs.mean(axis=0))
-        per_model.append(np.mean(per_scale, axis=0))
-    return np.mean(per_model, axis=0)
+            if mode in ("dense", "both"):
+                batch = to_batch(rescale(image, q), flip)
+                scores = dense_scores(model, batch, mean, std)
+                probs = torch.softmax(scores.mean(dim=(2, 3)), dim=1).numpy()
+                dense.append(probs.mean(axis=0))
+                largest = max(largest, float(scores.abs().max()))
+            if mode in ("multicrop", "both"):
+                probs, score = multicrop_probs(model, image, q, crop, flip, mean, std)
+                multicrop.append(probs)
+                largest = max(largest, score)
+        parts = [np.mean(found, axis=0) for found in (dense, multicrop) if found]
+        per_model.append(np.mean(parts, axis=0))
+    return Posteriors(np.mean(per_model, axis=0), per_model, largest)

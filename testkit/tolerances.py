@@ -30,7 +30,10 @@ about sqrt(2) times one's error, within the headroom.
 
 **The soft-max.** ``p = softmax(z)`` moves by ``dp_i = p_i * sum_j p_j (dz_i - dz_j)``, so
 ``|dp_i| <= 2 p_i (1 - p_i) max|dz| <= max|dz| / 2``; spatial averaging and the means over flips,
-scales, crops and models never increase the largest error (:func:`posterior_bound`).
+scales, crops and models never increase the largest error. The soft-max of ``C`` classes itself,
+in fp32 as the served graph computes it, adds at most ``(C + 9) u p_i``: each exponential within
+a few units of rounding (4 allowed, for vectorised ``exp``), counted twice (the numerator and in
+the sum), a ``C``-term sum (``C - 1``) and a division (:func:`posterior_bound`).
 
 PyTorch is imported by the functions that walk a model.
 """
@@ -87,6 +90,21 @@ def score_bound(
     return HEADROOM * math.sqrt(max(variances))
 
 
+def softmax_bound(classes: int) -> float:
+    """Absolute bound on the rounding of an fp32 soft-max of ``classes`` posteriors (each at most
+    1): ``(classes + 9) * 2**-24``."""
+    return (classes + 9) * UNIT_ROUNDOFF["fp32"]
+
+
+def class_count(model: nn.Module) -> int:
+    """Outputs of ``model``'s last convolution or linear layer: its classes."""
+    from torch import nn
+
+    layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    last = layers[-1]
+    return last.out_features if isinstance(last, nn.Linear) else last.out_channels
+
+
 def posterior_bound(
     models: nn.Module | Iterable[nn.Module],
     largest_score: float,
@@ -94,5 +112,11 @@ def posterior_bound(
     accumulator: str = "fp32",
 ) -> float:
     """Absolute bound on posteriors (and their means) computed from score maps whose largest
-    magnitude is ``largest_score``: half the largest score error (the soft-max's slope)."""
-    return score_bound(models, precision, accumulator) * largest_score / 2
+    magnitude is ``largest_score``: half the largest score error (the soft-max's slope), plus
+    the fp32 soft-max's own rounding."""
+    from torch import nn
+
+    models = [models] if isinstance(models, nn.Module) else list(models)
+    classes = max(class_count(model) for model in models)
+    scores = score_bound(models, precision, accumulator) * largest_score / 2
+    return scores + softmax_bound(classes)

@@ -214,8 +214,11 @@ def test_fp16_export_matches_the_fp32_reference_within_fp16_rounding(peaked_weig
 
 
 @pytest.mark.slow
-def test_full_vgg16_torchvision_state_dict_exports_and_matches(tmp_path):
+def test_full_vgg16_torchvision_state_dict_exports_and_matches(tmp_path, monkeypatch):
     """torchvision's vgg16 weights, probs equal at any size from 224."""
+    # The exporter's own check against PyTorch runs at one size here: this test compares the
+    # written graph with the independent reference at three (a third of the export's time).
+    monkeypatch.setattr("export.exporter.VERIFY_SIZES", ((224, 224),))
     torch.manual_seed(0)
     tv = torchvision.models.vgg16(weights=None).eval()
     with torch.no_grad():  # spread the logits so the soft-max is not flat

@@ -35,16 +35,18 @@ in fp32 as the served graph computes it, adds at most ``(C + 9) u p_i``: each ex
 a few units of rounding (4 allowed, for vectorised ``exp``), counted twice (the numerator and in
 the sum), a ``C``-term sum (``C - 1``) and a division (:func:`posterior_bound`).
 
-PyTorch is imported by the functions that walk a model.
+PyTorch and ONNX Runtime are imported by the functions that use them.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import numpy as np
     from torch import nn
 
 # Relative rounding error of one operation: 2**-p for a p-bit significand (implicit bit counted).
@@ -120,3 +122,21 @@ def posterior_bound(
     classes = max(class_count(model) for model in models)
     scores = score_bound(models, precision, accumulator) * largest_score / 2
     return scores + softmax_bound(classes)
+
+
+def largest_score(graphs: Iterable[Path | str], batches: Iterable[np.ndarray]) -> float:
+    """The largest class score magnitude ONNX Runtime gives for any of ``batches`` (uint8
+    N x 3 x H x W) through any of the exported ``graphs`` (model.onnx paths): the scale
+    :func:`posterior_bound` needs when only the served graphs are at hand."""
+    import numpy as np
+    import onnxruntime as ort
+
+    sessions = [
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) for path in graphs
+    ]
+    largest = 0.0
+    for batch in batches:
+        for session in sessions:
+            (scores,) = session.run(["scores"], {"image": batch})
+            largest = max(largest, float(np.abs(scores).max()))
+    return largest

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import signal
 import subprocess
@@ -68,6 +69,15 @@ def run_client(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
+
+
+def run_here(*args: str) -> subprocess.CompletedProcess:
+    """The client's main() in this process, where killing it is not the point: its exit code
+    and what it wrote to stderr."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = grpc_batch_main(list(args))
+    return subprocess.CompletedProcess(["grpc_batch", *args], code, "", stderr.getvalue())
 
 
 def start_client(*args: str, stderr: Path | None = None) -> subprocess.Popen:
@@ -269,15 +279,13 @@ def test_triton_down_stops_early_then_resume_finishes(
     repository, _ = two_model_repository
     out = tmp_path / "results.jsonl"
     (port,) = free_ports(1)
-    down = run_client(
-        *job_args(image_folder, f"127.0.0.1:{port}", repository, out, "--retries", "1")
-    )
+    down = run_here(*job_args(image_folder, f"127.0.0.1:{port}", repository, out, "--retries", "1"))
     assert down.returncode == 75, down.stderr
     assert f"Triton at 127.0.0.1:{port} is unreachable" in down.stderr
     assert "--resume" in down.stderr
     assert count_lines(out) == 0
 
-    done = run_client(*job_args(image_folder, triton_server.grpc_url, repository, out, "--resume"))
+    done = run_here(*job_args(image_folder, triton_server.grpc_url, repository, out, "--resume"))
     assert done.returncode == 0, done.stderr
     results, errors, _ = uninterrupted
     assert_same_results(load(out), results, tolerance)
@@ -291,7 +299,7 @@ def test_shards_split_the_job_without_overlap(
     parts = []
     for index in range(2):
         out = tmp_path / f"part{index}.jsonl"
-        result = run_client(
+        result = run_here(
             *job_args(
                 image_folder, triton_server.grpc_url, repository, out, "--shard", f"{index}/2"
             )
@@ -315,7 +323,7 @@ def test_shared_memory_gives_the_same_results(
     listing = tmp_path / "list.txt"
     listing.write_text("".join(f"{p}\n" for p in chosen))
     out = tmp_path / "results.jsonl"
-    result = run_client(
+    result = run_here(
         "--list",
         str(listing),
         "--url",

@@ -110,6 +110,52 @@ class Posteriors:
     largest_score: float = 0.0
 
 
+MODES = ("dense", "multicrop", "both")
+
+
+def protocol_modes(
+    models: list,
+    image: Image.Image,
+    scales=(256, 384, 512),
+    flip: bool = True,
+    modes=MODES,
+    crop: int = 64,
+    mean=MEAN,
+    std=STD,
+) -> dict[str, Posteriors]:
+    """The full protocol for one image in each of ``modes``, sharing the work they have in
+    common. "dense": each scale's posterior is that of the whole rescaled image (and its flip);
+    "multicrop": the mean over ``crop``-sided crops (and their flips); "both": per model, the
+    mean of the dense and the multi-crop posteriors (each already averaged over scales; Table
+    5). Then the mean over models."""
+    wanted = {"dense", "multicrop"} & ({"dense", "multicrop"} if "both" in modes else set(modes))
+    parts: dict[str, list[np.ndarray]] = {kind: [] for kind in wanted}  # per model
+    largest = {kind: 0.0 for kind in wanted}
+    for model in models:
+        dense, multicrop = [], []
+        for q in scales:
+            if "dense" in wanted:
+                batch = to_batch(rescale(image, q), flip)
+                scores = dense_scores(model, batch, mean, std)
+                probs = torch.softmax(scores.mean(dim=(2, 3)), dim=1).numpy()
+                dense.append(probs.mean(axis=0))
+                largest["dense"] = max(largest["dense"], float(scores.abs().max()))
+            if "multicrop" in wanted:
+                probs, score = multicrop_probs(model, image, q, crop, flip, mean, std)
+                multicrop.append(probs)
+                largest["multicrop"] = max(largest["multicrop"], score)
+        for kind, found in (("dense", dense), ("multicrop", multicrop)):
+            if kind in wanted:
+                parts[kind].append(np.mean(found, axis=0))
+    results = {}
+    for kind in wanted & set(modes):
+        results[kind] = Posteriors(np.mean(parts[kind], axis=0), parts[kind], largest[kind])
+    if "both" in modes:
+        per_model = [(d + m) / 2 for d, m in zip(parts["dense"], parts["multicrop"], strict=True)]
+        results["both"] = Posteriors(np.mean(per_model, axis=0), per_model, max(largest.values()))
+    return results
+
+
 def protocol(
     models: list,
     image: Image.Image,
@@ -120,24 +166,5 @@ def protocol(
     mean=MEAN,
     std=STD,
 ) -> Posteriors:
-    """The full protocol for one image. ``mode`` "dense": each scale's posterior is that of the
-    whole rescaled image (and its flip); "multicrop": the mean over ``crop``-sided crops (and
-    their flips); "both": per model, the mean of the dense and the multi-crop posteriors (each
-    already averaged over scales; Table 5). Then the mean over models."""
-    per_model, largest = [], 0.0
-    for model in models:
-        dense, multicrop = [], []
-        for q in scales:
-            if mode in ("dense", "both"):
-                batch = to_batch(rescale(image, q), flip)
-                scores = dense_scores(model, batch, mean, std)
-                probs = torch.softmax(scores.mean(dim=(2, 3)), dim=1).numpy()
-                dense.append(probs.mean(axis=0))
-                largest = max(largest, float(scores.abs().max()))
-            if mode in ("multicrop", "both"):
-                probs, score = multicrop_probs(model, image, q, crop, flip, mean, std)
-                multicrop.append(probs)
-                largest = max(largest, score)
-        parts = [np.mean(found, axis=0) for found in (dense, multicrop) if found]
-        per_model.append(np.mean(parts, axis=0))
-    return Posteriors(np.mean(per_model, axis=0), per_model, largest)
+    """The full protocol for one image in one mode (see :func:`protocol_modes`)."""
+    return protocol_modes(models, image, scales, flip, (mode,), crop, mean, std)[mode]

@@ -19,7 +19,11 @@ STD = (0.229, 0.224, 0.225)
 
 
 def dense_scores(tv_model, image_uint8: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
-    """Class score map (N, C, h, w) of a torchvision-layout VGG applied fully convolutionally."""
+    """Class score map (N, C, h, w) of a torchvision-layout VGG applied fully convolutionally.
+
+    Runs in float64; the model is left in the dtype it came in (pass a float64 model to spare
+    the conversions when calling many times)."""
+    dtype = next(tv_model.parameters()).dtype
     x = image_uint8.double() / 255.0
     x = (x - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) / torch.tensor(
         std, dtype=torch.float64
@@ -33,7 +37,7 @@ def dense_scores(tv_model, image_uint8: torch.Tensor, mean=MEAN, std=STD) -> tor
         y = F.relu(F.conv2d(feats, fc6.weight.view(fc6.out_features, channels, k, k), fc6.bias))
         y = F.relu(F.conv2d(y, fc7.weight[:, :, None, None], fc7.bias))
         y = F.conv2d(y, fc8.weight[:, :, None, None], fc8.bias)
-    tv_model.float()
+    tv_model.to(dtype)
     return y
 
 

@@ -233,6 +233,7 @@ def test_full_vgg16_torchvision_state_dict_exports_and_matches(tmp_path, monkeyp
     labels = (repo / "vgg16" / "labels.txt").read_text().splitlines()
     assert labels == list(torchvision.models.VGG16_Weights.IMAGENET1K_V1.meta["categories"])
     sess = session(repo / "vgg16" / "1" / "model.onnx")
+    tv.double()  # the reference runs in float64: convert its weights once
     for size in [(224, 224), (224, 300), (289, 257)]:
         image = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8)
         probs, scores = sess.run(["probs", "scores"], {"image": image.numpy()})

@@ -31,6 +31,7 @@ from inference.backends.torch import (
     resolve_dtype,
 )
 from inference.protocol import dense_batch
+from server.engine import StartupError
 from server.main import create_app
 from server.settings import Settings
 from testkit import REPOSITORY_ROOT as ROOT
@@ -275,25 +276,29 @@ def test_a_damaged_file_is_refused(tmp_path):
         read_serving_module(path)
 
 
+# The app refuses these while it is created: python -m server prints the StartupError as its one
+# line and exits 2 (that path is tested as a process in test_server.py), so the app is built here.
+
+
 def test_server_refuses_to_start_on_an_int8_graph(two_model_repository, int8_graph, tmp_path):
     repo, _ = two_model_repository
     shutil.copytree(repo / "m16", tmp_path / "repo" / "m16")
     shutil.copy(int8_graph, tmp_path / "repo" / "m16" / "1" / "model.onnx")
-    result = run_server_command("--repository", str(tmp_path / "repo"), "--backend", "torch")
-    assert result.returncode == 2
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: --backend torch cannot run ")
-    assert "int8 quantised graph" in line and "--backend onnxruntime" in line
+    with pytest.raises(StartupError) as refused:
+        create_app(Settings(repository=tmp_path / "repo", backend="torch"))
+    message = str(refused.value)
+    assert message.startswith("--backend torch cannot run ") and "\n" not in message
+    assert "int8 quantised graph" in message and "--backend onnxruntime" in message
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
 def test_server_without_cuda_refuses_torch_device_cuda(two_model_repository):
     repo, _ = two_model_repository
-    result = run_server_command(
-        "--repository", str(repo), "--backend", "torch", "--torch-device", "cuda"
-    )
-    assert result.returncode == 2
-    assert "error: --torch-device 'cuda': no CUDA device is visible" in result.stderr
+    with pytest.raises(StartupError) as refused:
+        create_app(Settings(repository=repo, backend="torch", torch_device="cuda"))
+    message = str(refused.value)
+    assert message.startswith("--torch-device 'cuda': no CUDA device is visible"), message
+    assert "\n" not in message
 
 
 def test_bad_warmup_sizes_are_refused():

@@ -13,7 +13,7 @@ from inference.backends.onnxruntime import OnnxRuntimeBackend
 from inference.classifier import ExtremeAspectRatio
 from inference.protocol import MODES, crop_offsets, dense_batch, rescaled_size, top_k
 from testkit.images import smooth_image
-from testkit.tolerances import UNIT_ROUNDOFF, posterior_bound, score_bound
+from testkit.tolerances import posterior_bound, score_bound, softmax_bound
 
 from .reference import dense_scores, protocol, protocol_modes, rescale, to_batch
 
@@ -183,7 +183,6 @@ def test_extreme_strip_is_refused_before_resizing(classifier):
 
 def test_tiny_image_is_upscaled_and_classified(classifier):
     result = classify(classifier, Image.new("RGB", (1, 1), (200, 30, 30)), scales=(64,))
-    # An fp32 soft-max of C classes: each exp within a few units of rounding (say 4), a C-term
-    # sum (C - 1) and a division (1); the posteriors then add up to 1 within (2 * 4 + C + 1) u.
-    classes = len(result.probabilities)
-    assert abs(sum(result.probabilities) - 1) < (classes + 9) * UNIT_ROUNDOFF["fp32"]
+    # An fp32 soft-max of C classes: each posterior within (C + 9) units of rounding of itself
+    # (testkit.tolerances.softmax_bound), so together they add up to 1 within that much.
+    assert abs(sum(result.probabilities) - 1) < softmax_bound(len(result.probabilities))

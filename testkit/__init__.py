@@ -13,6 +13,7 @@
 - :mod:`testkit.logs`: what an app running in this process logs, as text.
 - :mod:`testkit.raw_http`: HTTP/1.1 over a plain socket (whole responses, and whether the
   server has read what was sent).
+- :mod:`testkit.tolerances`: how far two floating-point evaluations of a VGG may differ.
 - :mod:`testkit.killed_export`: ``python -m testkit.killed_export``, an export that SIGKILLs
   itself at a chosen file-system step (or at every one).
 

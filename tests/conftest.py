@@ -9,17 +9,15 @@ import pytest
 import torch
 
 from testkit.logs import recorded_logs
-from testkit.models import SMALL, write_small_repository
+from testkit.models import peaked_small_model, write_small_repository
 from testkit.processes import start_triton
 
 
 @pytest.fixture(scope="session")
 def small_state_dict_path(tmp_path_factory) -> Path:
-    """A torchvision-format state dict of a small VGG-16 with random (seeded) weights."""
-    from vgg.models import build
-
-    torch.manual_seed(0)
-    model = build("vgg16", **SMALL)
+    """A torchvision-format state dict of a small VGG-16 with seeded peaked weights (posteriors
+    far from uniform, so comparing them means something)."""
+    model = peaked_small_model("vgg16", seed=0)
     path = tmp_path_factory.mktemp("weights") / "small16.pth"
     torch.save(model.state_dict(), path)
     return path

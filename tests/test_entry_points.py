@@ -90,8 +90,10 @@ def test_make_test_leaves_an_installed_browser_alone(tmp_path):
 
 def test_browser_tests_skip_saying_what_to_install_without_chromium(tmp_path):
     missing = tmp_path / "chromium"
+    # --noconftest: the module's skip mark decides before any fixture is set up, so the shared
+    # fixtures (and PyTorch, which conftest.py imports) are not needed to see it.
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"]
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--noconftest"]
         + [str(ROOT / "tests" / "test_browser.py")],
         cwd=ROOT,
         capture_output=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -102,24 +103,27 @@ def test_library_only_settings_are_checked_too(tmp_path):
         export_model("imagenet", repository=tmp_path / "repo")
 
 
-def test_python_dash_m_export_is_the_same_command(tmp_path):
+def test_python_dash_m_export_is_the_same_command(tmp_path, monkeypatch, capsys):
     environment = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "export"]
+    # As a process, from another folder: the module runs wherever the package is importable.
     help_text = subprocess.run(
-        [*command, "--help"], capture_output=True, text=True, env=environment, timeout=300
-    )
-    assert help_text.returncode == 0
-    assert help_text.stdout.startswith("usage: python -m export")
-    assert "--calibration-scales" in help_text.stdout
-    bad = subprocess.run(
-        [*command, "--arch", "vgg17", "--weights", "x.pth", "--repository", str(tmp_path)],
+        [sys.executable, "-m", "export", "--help"],
         capture_output=True,
         text=True,
         env=environment,
         cwd=tmp_path,
         timeout=300,
     )
-    assert bad.returncode == 2
-    assert bad.stderr.startswith("error: unknown architecture 'vgg17'; choose one of A, A-LRN")
-    assert len(bad.stderr.splitlines()) == 1
+    assert help_text.returncode == 0, help_text.stderr
+    assert help_text.stdout.startswith("usage: python -m export")
+    assert "--calibration-scales" in help_text.stdout
+    # A bad flag through the same __main__ module, in this process (its exit is SystemExit).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["export", "--arch", "vgg17", "--weights", "x.pth"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("export", run_name="__main__", alter_sys=True)
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: unknown architecture 'vgg17'; choose one of A, A-LRN")
+    assert len(stderr.splitlines()) == 1
     assert not any(tmp_path.iterdir())

@@ -291,7 +291,8 @@ def test_int8_too_far_from_fp32_writes_nothing(
         (["--calibration", "x"], "--calibration is only used with --precision int8"),
         (
             ["--precision", "int8", "--calibration", "x", "--calibration-scales", "64,a"],
-            "--calibration-scales: scales '64,a'",
+            "--calibration-scales: '64,a' is not a comma-separated list of positive integers "
+            "(e.g. 256,384,512)",
         ),
     ],
     ids=["no-folder", "not-int8", "bad-scales"],

@@ -28,6 +28,9 @@ def served_command(repository) -> str:
 def test_serve_leaves_the_scales_to_each_models_config(tmp_path):
     repository = tmp_path / "repo"
     (repository / "demo-vgg16").mkdir(parents=True)
+    # A model the repository holds. Without one, the models recipe would run even under -n (its
+    # line names $(MAKE)): an ImageNet export, or a download where there is a network.
+    (repository / "demo-vgg16" / "config.pbtxt").write_text('name: "demo-vgg16"\n')
     command = served_command(repository)
     # Each model's config.pbtxt names its serving scales (demo models 64,96,128): no flag here.
     assert "--scales" not in command, command

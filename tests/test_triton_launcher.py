@@ -182,7 +182,9 @@ def test_command_line_serves_in_the_foreground_and_stops_on_ctrl_c(two_model_rep
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0
         assert "stopping Triton" in process.stderr.read()
-        deadline = time.monotonic() + 5
+        # The kernel releases the ports as the server's sockets close; the deadline only bounds
+        # a hang.
+        deadline = time.monotonic() + 60
         while not all(port_is_free(p) for p in (http, grpc, metrics)):
             assert time.monotonic() < deadline, "a port is still held after the launcher exited"
             time.sleep(0.1)

@@ -45,6 +45,9 @@ lint: venv
 imagenet-models: venv
 	$(PY) -m export.to_onnx --repository $(MODEL_REPOSITORY)
 
+# The command, not $(MAKE) demo-models: make -n would run a recipe line that names $(MAKE).
+DEMO_MODELS = $(PY) -m train.demo --data data/synthetic --runs runs --repository $(MODEL_REPOSITORY)
+
 # Models for the main job: what the repository already holds; else torchvision's ImageNet VGG-16
 # and VGG-19 (cache or download); else, offline, the demo models trained here (make demo-models).
 models: venv
@@ -52,7 +55,7 @@ models: venv
 		echo "models in $(MODEL_REPOSITORY): $$(ls $(MODEL_REPOSITORY))"; \
 	elif $(PY) -m export.to_onnx --repository $(MODEL_REPOSITORY); then :; \
 	else echo "no ImageNet weights here: training the demo models instead (make demo-models)"; \
-		$(MAKE) demo-models; fi
+		$(DEMO_MODELS); fi
 
 # The main job: the HTTP front end on the embedded ONNX Runtime backend. Each model is served at
 # the scales its config.pbtxt names (the demo models at Q = 64,96,128; ImageNet's at 256,384,512).
@@ -92,4 +95,4 @@ soak: venv
 # is skipped when its result exists; about 8 minutes on 2 idle cores (docs/training.md).
 .PHONY: demo-models
 demo-models: venv
-	$(PY) -m train.demo --data data/synthetic --runs runs --repository $(MODEL_REPOSITORY)
+	$(DEMO_MODELS)

@@ -89,7 +89,11 @@ def dense_batch(
 
 
 def crop_offsets(length: int, crop: int, grid: int = MULTICROP_GRID) -> list[int]:
-    """``grid`` evenly spaced crop starts along one side, first and last at the borders."""
+    """``grid`` evenly spaced crop starts along one side, first and last at the borders.
+
+    Fractional starts are rounded with Python's ``round`` (halves to even), as torchvision's
+    ``center_crop`` rounds its offset.
+    """
     if length <= crop:
         return [0] * grid
     return [int(round(i * (length - crop) / (grid - 1))) for i in range(grid)]

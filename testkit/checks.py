@@ -23,6 +23,12 @@ TIMING_STAGES = ("decode", "preprocess", "inference", "total")
 PROBABILITY_SLACK = 1e-5
 
 
+# The keys of every classify answer (a heat map only when asked).
+RESPONSE_KEYS = frozenset(
+    {"predictions", "per_model", "scales", "flip", "models", "mode", "image", "timing_ms"}
+)
+
+
 @dataclass(frozen=True)
 class Expected:
     """What a request asked for, resolved against the server's defaults."""
@@ -83,17 +89,7 @@ def check_classification(body: Any, expected: Expected, where: str = "body") -> 
     """Problems with one image's result (``POST /v1/classify`` or one entry of a batch)."""
     if not isinstance(body, dict):
         return [f"{where}: expected a JSON object, got {type(body).__name__}"]
-    required = {
-        "predictions",
-        "per_model",
-        "scales",
-        "flip",
-        "models",
-        "mode",
-        "image",
-        "timing_ms",
-    }
-    missing = required - set(body)
+    missing = RESPONSE_KEYS - set(body)
     if missing:
         return [f"{where}: missing {', '.join(sorted(missing))}"]
     problems = check_predictions(body["predictions"], expected.top_k, f"{where}.predictions")

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from server.main import create_app
 from server.settings import Settings
+from testkit.checks import RESPONSE_KEYS
 from testkit.images import decoded, encode, jpeg, smooth_image
 from testkit.processes import run_server_command
 from testkit.tolerances import posterior_bound
@@ -22,16 +23,6 @@ from testkit.tolerances import posterior_bound
 from .reference import protocol, protocol_modes
 
 PREDICTION_KEYS = {"index", "label", "probability"}
-RESPONSE_KEYS = {
-    "predictions",
-    "per_model",
-    "scales",
-    "flip",
-    "models",
-    "mode",
-    "image",
-    "timing_ms",
-}
 
 
 @pytest.fixture(scope="module")

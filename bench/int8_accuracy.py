@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.int8_accuracy                       # demo-vgg16 and demo-vgg19
     .venv/bin/python -m bench.int8_accuracy --images 200          # quicker, fewer images
 
-Each checkpoint is exported twice into a temporary repository with ``export/to_onnx.py``: fp32,
+Each checkpoint is exported twice into a temporary repository with ``export_model``: fp32,
 and ``--precision int8`` calibrated on *training* images (never the validation set). Both are run
 under the serving protocol (dense, Q = 64,96,128 with flips, as ``make serve`` serves the demo
 models) on the validation images; printed: the top-1 accuracy of each and the top-1 agreement of
@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import machine
-from export import quantize, to_onnx
+from export import quantize
+from export.exporter import export_model
 from inference import read_repository
 from inference.backends.onnxruntime import OnnxRuntimeBackend
 from inference.evaluation import collect
@@ -57,22 +58,17 @@ def main() -> None:
         repo = Path(work) / "repo"
         for name in names:
             weights = args.runs / name / "best.pth"
-            common = ["--weights", str(weights), "--repository", str(repo)]
-            if to_onnx.main([*common, "--name", name]) != 0:
-                raise SystemExit(f"fp32 export of {weights} failed")
+            export_model(weights, repository=repo, name=name)
             started = time.perf_counter()
-            int8 = [
-                "--precision",
-                "int8",
-                "--calibration",
-                str(args.train),
-                "--calibration-images",
-                str(args.calibration_images),
-                "--calibration-scales",
-                args.scales,
-            ]
-            if to_onnx.main([*common, "--name", f"{name}-int8", *int8]) != 0:
-                raise SystemExit(f"int8 export of {weights} failed")
+            export_model(
+                weights,
+                repository=repo,
+                name=f"{name}-int8",
+                precision="int8",
+                calibration=args.train,
+                calibration_images=args.calibration_images,
+                calibration_scales=scales,
+            )
             print(f"{name}: int8 export {time.perf_counter() - started:.1f} s")
         entries = read_repository(repo)
         backend = OnnxRuntimeBackend(entries)

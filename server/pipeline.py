@@ -40,8 +40,9 @@ async def classify_bytes(
     loop = asyncio.get_running_loop()
     decode_started = time.perf_counter()
     settings = state.settings
-    # --jpeg-draft: large JPEGs decode at reduced size, never below twice the largest Q.
-    draft = 2 * max(state.classifier.resolve(options).scales) if settings.jpeg_draft else None
+    # --jpeg-draft: large JPEGs decode at reduced size, never below twice the largest Q (the
+    # options come resolved by the Options dependency: their scales are every Q used).
+    draft = 2 * max(options.scales) if settings.jpeg_draft else None
     image = await loop.run_in_executor(
         state.decode_pool, decode_image, data, settings.max_pixels, draft
     )

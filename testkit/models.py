@@ -54,25 +54,22 @@ def export_weights(
     """Export a state dict of ``arch`` as model ``name`` into ``repository``; returns the
     repository. ``overrides`` are the ``vgg.models.build`` sizes the weights were built with
     (:data:`SMALL`; none: full size); ``scales`` the serving scales written into its config
-    (default: the exporter's, by crop); ``precision`` fp32 or fp16. Raises ``RuntimeError``
-    when the export fails."""
-    from export import to_onnx
+    (default: the exporter's, by crop); ``precision`` fp32 or fp16. Raises the exporter's
+    errors (``export.exporter.ExportError``, ...) when the export fails."""
+    from export.exporter import export_model
 
-    overrides = overrides or {}
-    flags = {"width": "--width", "fc_width": "--fc-width", "crop": "--crop"}
-    argv = ["--arch", arch, "--weights", str(weights), "--name", name]
-    argv += ["--repository", str(repository), "--precision", precision]
-    for key, flag in flags.items():
-        if key in overrides:
-            argv += [flag, str(overrides[key])]
-    if scales:
-        argv += ["--scales", ",".join(map(str, scales))]
-    code = to_onnx.main(argv)
-    if code != 0:
-        raise RuntimeError(
-            f"exporting {arch} as {name} into {repository} failed (exit code {code}); "
-            "its messages are above"
-        )
+    sizes = {
+        key: overrides[key] for key in ("width", "fc_width", "crop") if key in (overrides or {})
+    }
+    export_model(
+        weights,
+        arch=arch,
+        repository=Path(repository),
+        name=name,
+        precision=precision,
+        scales=tuple(scales) if scales else None,
+        **sizes,
+    )
     return Path(repository)
 
 

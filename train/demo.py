@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from export.exporter import ExportError, export_model
-from inference.protocol import average_posteriors
+from inference.protocol import ScalePosteriors, average_posteriors
 from train.checkpoints import BEST, LAST, read
 from train.config import TrainConfig
 from train.evaluate import error_rates
@@ -139,7 +139,8 @@ def summarise(runs: Path, names: list[str]) -> dict:
         final = json.loads((runs / name / FINAL_FILE).read_text())
         saved = np.load(runs / name / POSTERIORS_FILE)
         labels = saved["labels"]
-        probs = average_posteriors([saved[f"Q{q}"] for q in final["val_scales"]])
+        scales = final["val_scales"]
+        probs = ScalePosteriors(dense={q: saved[f"Q{q}"] for q in scales}).combine(scales)
         posteriors.append(probs)
         rows[name] = {
             "epoch": final["epoch"],

@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from inference.cores import available_cores
+from inference.protocol import ScalePosteriors
 from train import distributed
 from train.augment import TrainAugmentation
 from train.checkpoints import (
@@ -135,7 +136,7 @@ def validate(
                 dense[q][rows] = shard[q]
     labels = np.array([folder.samples[i][1] for i in indices])
     top1, top5 = error_rates(dense[single], labels)
-    multi = np.mean([dense[q] for q in scales], axis=0)
+    multi = ScalePosteriors(dense=dense).combine(scales)  # the server's fusion over scales
     multi1, multi5 = error_rates(multi, labels)
     metrics = {
         "val_scale": single,

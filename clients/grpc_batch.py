@@ -4,8 +4,11 @@
         --scales 256,384,512 --out results.jsonl
     python clients/grpc_batch.py --list files.txt --out results.jsonl --resume --shard 0/4
 
-Images are decoded and rescaled here with ``inference/`` (the same code as the HTTP front end),
-so each line has the HTTP API's format: ``{"path", "predictions": [{"index", "label",
+Only Triton's address is needed: the models' labels, input limits and serving scales are read
+from Triton. Each file's bytes go to Triton's ``classify`` model, which decodes, rescales and
+fuses with ``inference/`` (the HTTP front end's code); ``--decode local`` decodes and rescales
+here instead and calls each classifier (megabytes of views per image instead of the file).
+Each line has the HTTP API's format: ``{"path", "predictions": [{"index", "label",
 "probability"}], "per_model", "scales", "models"}``. Unreadable images go to the errors file
 (``<out>.errors.jsonl``: ``{"path", "error"}``). Every line is flushed and fsynced before the
 next, so ``--resume`` after a crash, a kill or a Triton outage finishes the job with every input
@@ -35,13 +38,13 @@ from inference import (
     ImageError,
     OptionError,
     RepositoryError,
-    decode_image,
     read_repository,
 )
 from inference.backends.base import BackendUnavailable
 from inference.backends.triton import LOOPBACK, TritonBackend, TritonError
 from inference.images import IMAGE_SUFFIXES
 from inference.protocol import parse_scales
+from inference.remote import RemoteClassifier
 from inference.repository import parse_model_names
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 75  # 75: EX_TEMPFAIL, rerun later
@@ -170,15 +173,22 @@ def result_record(path: str, result: Classification) -> dict:
 
 
 @dataclass
+class Retry:
+    """How long to keep trying while Triton is unavailable: backoff doubles up to a cap."""
+
+    retries: int = 6
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+
+
+@dataclass
 class Job:
-    classifier: Classifier
+    classifier: Classifier  # a RemoteClassifier sends the files to Triton's classify
     options: ClassifyOptions
     results: JsonLines
     errors: JsonLines
     concurrency: int = 8
-    retries: int = 6
-    backoff_s: float = 0.5
-    max_backoff_s: float = 30.0
+    retry: Retry = dataclasses.field(default_factory=Retry)
     progress: bool | None = None  # None: only on a terminal
 
 
@@ -189,15 +199,16 @@ class Summary:
     unavailable: str | None = None  # why the job stopped early, if it did
 
 
-async def with_retries(job: Job, call, what: str):
+async def with_retries(retry: Retry, call, what: str):
     """``await call()``, retried with exponential backoff (and jitter) while Triton is unavailable."""
-    for attempt in range(job.retries + 1):
+    for attempt in range(retry.retries + 1):
         try:
             return await call()
         except BackendUnavailable as exc:
-            if attempt == job.retries:
+            if attempt == retry.retries:
                 raise
-            delay = min(job.max_backoff_s, job.backoff_s * 2**attempt) * random.uniform(0.8, 1.2)
+            delay = min(retry.max_backoff_s, retry.backoff_s * 2**attempt)
+            delay *= random.uniform(0.8, 1.2)
             tqdm.write(f"{what}: {exc}; retrying in {delay:.1f} s", file=sys.stderr)
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
@@ -207,8 +218,9 @@ async def classify_path(job: Job, path: str) -> tuple[bool, dict]:
     """(True, result line) or (False, error line) for one image; raises if Triton stays down."""
     try:
         data = await asyncio.to_thread(Path(path).read_bytes)
-        image = await asyncio.to_thread(decode_image, data)
-        result = await with_retries(job, lambda: job.classifier.classify(image, job.options), path)
+        result = await with_retries(
+            job.retry, lambda: job.classifier.classify_file(data, job.options), path
+        )
     except OSError as exc:
         return False, {"path": path, "error": f"cannot read the file: {exc.strerror or exc}"}
     except (ImageError, TritonError) as exc:
@@ -262,8 +274,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--repository",
         type=Path,
-        default=Path("model_repository"),
-        help="model repository Triton serves (labels and input limits)",
+        help="read labels, input limits and serving scales from this copy of the repository "
+        "Triton serves (default: from Triton itself)",
+    )
+    parser.add_argument(
+        "--decode",
+        choices=("server", "local"),
+        default="server",
+        help="server: send each file's bytes to Triton's classify model; local: decode and "
+        "rescale here, send the uint8 views to each classifier",
     )
     parser.add_argument("--models", help="comma-separated models to fuse (default: all)")
     parser.add_argument(
@@ -292,7 +311,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--shm",
         action="store_true",
-        help="send images through system shared memory (Triton on this host)",
+        help="with --decode local: send the views through system shared memory (Triton on "
+        "this host)",
     )
     parser.add_argument(
         "--progress",
@@ -338,33 +358,58 @@ async def main_async(args: argparse.Namespace) -> int:
         raise UsageError(f"--models: {exc}") from None
     if args.shm and args.url.rsplit(":", 1)[0] not in LOOPBACK:
         raise UsageError(f"--shm needs Triton on this machine, but --url is {args.url}")
-    models = read_repository(args.repository, names)
-    backend = TritonBackend(args.url, models, timeout_s=args.timeout, shared_memory=args.shm)
-    classifier = Classifier(backend, models)
-    options = classifier.resolve(
-        ClassifyOptions(scales=scales, flip=not args.no_flip, top_k=args.top_k)
-    )
-
+    server_decode = args.decode == "server"
+    if args.shm and server_decode:
+        raise UsageError("--shm sends decoded views: use it with --decode local")
     paths = [
         p for p in discover(args.inputs, args.list_file) if in_shard(p, shard_index, shard_count)
     ]
     errors_file = errors_path(args.out, args.errors)
     done = prepare_files(args.out, errors_file, args.resume, args.overwrite)
     todo = [p for p in paths if p not in done]
+
+    retry = Retry(retries=args.retries)
+    models = read_repository(args.repository, names) if args.repository else None
+    backend = TritonBackend(
+        args.url, models, timeout_s=args.timeout, shared_memory=args.shm, pipeline=server_decode
+    )
+    try:
+        if models is None:
+            models = await with_retries(
+                retry, lambda: backend.served_models(names), "reading the models from Triton"
+            )
+        kind = RemoteClassifier if server_decode else Classifier
+        classifier = kind(backend, models)
+        options = classifier.resolve(
+            ClassifyOptions(scales=scales, flip=not args.no_flip, top_k=args.top_k)
+        )
+    except BackendUnavailable as exc:
+        await backend.close()
+        print(
+            f"stopped early: {exc}\nrerun the same command with --resume once Triton is up; "
+            "nothing done so far is lost",
+            file=sys.stderr,
+        )
+        return EXIT_UNAVAILABLE
+    except BaseException:
+        await backend.close()
+        raise
     print(
         f"{len(paths)} images in shard {args.shard}, {len(paths) - len(todo)} already done, "
         f"{len(todo)} to classify with {', '.join(options.models)} at Q={list(options.scales)} via "
-        f"Triton {args.url}",
+        f"Triton {args.url} ({'its classify model' if server_decode else 'decoding here'})",
         file=sys.stderr,
         flush=True,
     )
     results, errors = JsonLines(args.out), JsonLines(errors_file)
-    job = Job(
-        classifier, options, results, errors, args.concurrency, args.retries, progress=args.progress
-    )
+    job = Job(classifier, options, results, errors, args.concurrency, retry, args.progress)
     try:
         if todo:
-            await with_retries(job, backend.check, "waiting for Triton")
+            await with_retries(
+                retry,
+                lambda: backend.check(options.models, pipeline=server_decode),
+                "waiting for Triton",
+            )
         summary = await run(job, todo)
     except BackendUnavailable as exc:
         summary = Summary(unavailable=str(exc))

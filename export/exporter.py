@@ -31,6 +31,7 @@ from export import quantize
 from export.graph import TOLERANCE, VERIFY_SIZES, ServingGraph, export_onnx, verify_against_torch
 from export.repository import ModelInfo, write_model
 from inference.protocol import format_scales, parse_scales, serving_scales
+from inference.repository import CLASSIFY_MODEL
 from vgg.checkpoint import LoadedWeights, load_weights
 from vgg.convert import to_fully_conv
 
@@ -72,6 +73,11 @@ def check_settings(
         raise ExportError("--opset must be between 13 and 21")
     if name is not None and not NAME_PATTERN.match(name):
         raise ExportError(f"--name {name!r}: use letters, digits, '_', '-', '.' (max 64)")
+    if name == CLASSIFY_MODEL:
+        raise ExportError(
+            f"--name {name!r} is taken by the pipeline model every repository holds; choose "
+            "another name"
+        )
     if precision == "int8" and calibration is None:
         raise ExportError(
             "--precision int8 needs --calibration DIR, a folder of images like the ones "

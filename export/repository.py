@@ -21,12 +21,30 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from inference.classifier import DEFAULT_MAX_RESCALED_PIXELS
+from inference.images import DEFAULT_MAX_PIXELS
 from inference.protocol import format_scales, serving_scales
+from inference.repository import CLASSIFY_MODEL
 
 DEFAULT_MAX_BATCH_SIZE = 64
 # Views of one (model, scale) arrive as a batch of 2; a short wait lets concurrent requests of
 # the same shape share a batch without adding noticeable latency.
 DEFAULT_QUEUE_DELAY_US = 2000
+# classify: files per request (a client sends shape [n, 1]) and Python stubs serving it. Each
+# stub decodes and rescales, then waits on the classifiers; two keep one decoding while the
+# other waits.
+CLASSIFY_MAX_BATCH_SIZE = 16
+CLASSIFY_INSTANCES = 2
+# classify/1/model.py: the code is vggserve's own (tritonmodels.classify, installed where Triton
+# runs: the venv of make triton, the Dockerfile's triton image), never a copy that could drift.
+CLASSIFY_MODEL_PY = '''"""Triton model ``classify``: the paper's dense multi-scale protocol over this repository's
+classifiers, as Business Logic Scripting. Written by vggserve's exporter; the code is
+``tritonmodels.classify`` from the vggserve package installed where Triton runs."""
+
+from tritonmodels.classify import TritonPythonModel
+
+__all__ = ["TritonPythonModel"]
+'''
 
 
 @dataclass(frozen=True)
@@ -96,6 +114,65 @@ def model_config(
     return config
 
 
+def classify_config(
+    max_batch_size: int = CLASSIFY_MAX_BATCH_SIZE, instance_count: int = CLASSIFY_INSTANCES
+) -> mc.ModelConfig:
+    """Triton's ``ModelConfig`` of ``classify``: encoded files in, the fused top-k out.
+
+    Every output but the first three is for clients that rebuild the HTTP API's answer (the
+    front end, the batch client); a client asks only for the outputs it wants.
+    """
+    config = mc.ModelConfig(name=CLASSIFY_MODEL, backend="python", max_batch_size=max_batch_size)
+    config.input.add(name="image", data_type=mc.TYPE_STRING, dims=[1])
+    outputs = [
+        ("probabilities", mc.TYPE_FP32, [-1]),  # fused, most probable first
+        ("indices", mc.TYPE_INT32, [-1]),
+        ("labels", mc.TYPE_STRING, [-1]),
+        ("model_probabilities", mc.TYPE_FP32, [-1, -1]),  # (models, k): each model's top-k
+        ("model_indices", mc.TYPE_INT32, [-1, -1]),
+        ("model_labels", mc.TYPE_STRING, [-1, -1]),
+        ("models", mc.TYPE_STRING, [-1]),  # the fused models, in the order of model_*
+        ("scales", mc.TYPE_INT32, [-1]),  # every Q used
+        ("image_size", mc.TYPE_INT32, [2]),  # width, height (EXIF orientation applied)
+        ("heatmap", mc.TYPE_FP32, [-1, -1]),  # with parameter heatmap=true, one file a request
+        ("timing_ms", mc.TYPE_FP32, [3]),  # decode, preprocess, inference
+    ]
+    for name, data_type, dims in outputs:
+        config.output.add(name=name, data_type=data_type, dims=dims)
+    config.dynamic_batching.max_queue_delay_microseconds = DEFAULT_QUEUE_DELAY_US
+    config.instance_group.add(count=instance_count, kind=mc.ModelInstanceGroup.KIND_CPU)
+    parameters = {
+        "max_pixels": str(DEFAULT_MAX_PIXELS),
+        "max_rescaled_pixels": str(DEFAULT_MAX_RESCALED_PIXELS),
+    }
+    for key, value in parameters.items():
+        config.parameters[key].string_value = value
+    return config
+
+
+def write_classify(repository: Path) -> Path:
+    """(Re)write ``classify/`` in ``repository``: its config and ``1/model.py``; returns the
+    folder. Files already as they should be are left alone (an operator's edits to the
+    config's parameters are kept); each file is replaced atomically."""
+    folder = Path(repository) / CLASSIFY_MODEL
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    config_path = folder / "config.pbtxt"
+    if not config_path.is_file():
+        _replace(config_path, config_text(classify_config()))
+    model_path = folder / "1" / "model.py"
+    if not model_path.is_file() or model_path.read_text() != CLASSIFY_MODEL_PY:
+        _replace(model_path, CLASSIFY_MODEL_PY)
+    return folder
+
+
+def _replace(path: Path, text: str) -> None:
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(text)
+    with open(staging, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(staging, path)
+
+
 def config_text(config: mc.ModelConfig) -> str:
     """``config.pbtxt`` text for a ``ModelConfig``."""
     return text_format.MessageToString(config)
@@ -116,7 +193,12 @@ def write_model(
     staging folder outside it, which nothing loads).
     """
     repository = Path(repository)
+    if info.name == CLASSIFY_MODEL:
+        raise ValueError(
+            f"{CLASSIFY_MODEL!r} is the repository's pipeline model; choose another name"
+        )
     repository.mkdir(parents=True, exist_ok=True)
+    write_classify(repository)
     model_dir = repository / info.name
     staging = Path(
         tempfile.mkdtemp(prefix=f".{repository.name}-{info.name}-staging-", dir=repository.parent)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
 from inference.backends.base import Backend
-from inference.images import ImageError
+from inference.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from inference.protocol import (
     MODES,
     ScalePosteriors,
@@ -85,8 +86,9 @@ class Heatmap:
 class Classification:
     predictions: list[Prediction]
     per_model: dict[str, list[Prediction]]
-    probabilities: np.ndarray
-    per_model_probabilities: dict[str, np.ndarray]
+    # Every class's posterior; None where only the top-k came back (Triton's classify model).
+    probabilities: np.ndarray | None
+    per_model_probabilities: dict[str, np.ndarray] | None
     scales: tuple[int, ...]
     flip: bool
     models: tuple[str, ...]
@@ -179,6 +181,27 @@ class Classifier:
                 f"{self.max_rescaled_pixels:,}. Crop it to a less extreme aspect ratio or use "
                 "smaller scales"
             )
+
+    async def classify_file(
+        self,
+        data: bytes,
+        options: ClassifyOptions,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        jpeg_draft: bool = False,
+        executor: Executor | None = None,
+    ) -> Classification:
+        """Fused top-k for one encoded file: decoded (in ``executor``, off the event loop), then
+        :meth:`classify`. ``jpeg_draft``: a large JPEG decodes at reduced size, never below
+        twice the largest Q. Raises :class:`~inference.images.ImageError` for a bad file."""
+        opts = self.resolve(options)
+        started = time.perf_counter()
+        draft = 2 * max(opts.scales) if jpeg_draft else None
+        loop = asyncio.get_running_loop()
+        image = await loop.run_in_executor(executor, decode_image, data, max_pixels, draft)
+        decoded = time.perf_counter()
+        result = await self.classify(image, opts)
+        result.timing_ms["decode"] = (decoded - started) * 1e3
+        return result
 
     async def classify(self, image: Image.Image, options: ClassifyOptions) -> Classification:
         """Fused top-k for one RGB image."""

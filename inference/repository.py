@@ -16,6 +16,10 @@ from tritonclient.grpc import model_config_pb2
 
 from inference.protocol import parse_scales, serving_scales
 
+# The Triton model that runs the whole protocol on the repository's classifiers (BLS); the
+# exporter writes it into every repository, so no classifier may take its name.
+CLASSIFY_MODEL = "classify"
+
 
 class RepositoryError(ValueError):
     """A model repository or model that cannot be served, with what to do about it."""
@@ -27,7 +31,7 @@ class ModelEntry:
 
     name: str
     version: int
-    onnx_path: Path
+    onnx_path: Path | None  # None: a model read from a Triton server
     labels: tuple[str, ...]
     arch: str
     mean: tuple[float, ...]
@@ -62,23 +66,42 @@ def read_model(model_dir: Path) -> ModelEntry:
         config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
     except (OSError, text_format.ParseError) as exc:
         raise RepositoryError(f"cannot read {config_path}: {exc}") from exc
+    try:
+        labels_text = (model_dir / "labels.txt").read_text()
+    except OSError as exc:
+        raise RepositoryError(
+            f"model {model_dir.name} lacks its labels ({exc}); export it with "
+            "python export/to_onnx.py"
+        ) from exc
+    version, onnx_path = _latest_version(model_dir)
+    labels = tuple(line for line in labels_text.splitlines() if line)
+    return model_entry(config, labels, version, onnx_path, model_dir.name)
+
+
+def model_entry(
+    config: model_config_pb2.ModelConfig,
+    labels: tuple[str, ...],
+    version: int,
+    onnx_path: Path | None = None,
+    name: str | None = None,
+) -> ModelEntry:
+    """A :class:`ModelEntry` from a classifier's config and labels, read from a repository on
+    disk or from a Triton server (then there is no ``onnx_path``)."""
+    name = config.name or name or "?"
     params = {k: v.string_value for k, v in config.parameters.items()}
     try:
-        labels_path = model_dir / "labels.txt"
-        labels = tuple(line for line in labels_path.read_text().splitlines() if line)
         mean = tuple(json.loads(params["mean"]))
         std = tuple(json.loads(params["std"]))
         min_size = int(params["min_size"])
         # Exports older than the "scales" parameter: the default for their training crop.
         scales = parse_scales(params["scales"]) if "scales" in params else serving_scales(min_size)
-    except (OSError, KeyError, ValueError) as exc:
+    except (KeyError, ValueError) as exc:
         raise RepositoryError(
-            f"model {model_dir.name} lacks its labels or pre-processing parameters ({exc}); "
-            "export it with python export/to_onnx.py"
+            f"model {name} lacks its pre-processing parameters ({exc}); export it with "
+            "python export/to_onnx.py"
         ) from exc
-    version, onnx_path = _latest_version(model_dir)
     return ModelEntry(
-        name=config.name or model_dir.name,
+        name=name,
         version=version,
         onnx_path=onnx_path,
         labels=labels,
@@ -102,8 +125,9 @@ def parse_model_names(text: str) -> tuple[str, ...]:
 
 
 def model_names(repository: Path, names: list[str] | None = None) -> list[str]:
-    """The model folders of ``repository`` (all, sorted, or ``names`` in that order, checked);
-    raises :class:`RepositoryError` saying what to do when there are none."""
+    """The classifier folders of ``repository`` (all, sorted, or ``names`` in that order,
+    checked; never the ``classify`` pipeline); raises :class:`RepositoryError` saying what to do
+    when there are none."""
     repository = Path(repository)
     if not repository.is_dir():
         raise RepositoryError(
@@ -113,7 +137,10 @@ def model_names(repository: Path, names: list[str] | None = None) -> list[str]:
     available = sorted(
         p.name
         for p in repository.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and (p / "config.pbtxt").is_file()
+        if p.is_dir()
+        and not p.name.startswith(".")
+        and p.name != CLASSIFY_MODEL
+        and (p / "config.pbtxt").is_file()
     )
     if names:
         unknown = [n for n in names if n not in available]

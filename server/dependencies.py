@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from fastapi import Depends, Query, Request
@@ -22,13 +24,29 @@ class ServerState:
     """What every request shares; built by the app's lifespan."""
 
     settings: Settings
-    models: dict[str, ModelEntry]
     metrics: Metrics
     admission: Admission
     engine: EngineHandle
-    classifier: Classifier
+    # None until the models are known: with --backend triton they are read from Triton by
+    # make_classifier when it first answers.
+    classifier: Classifier | None
+    make_classifier: Callable[[], Awaitable[Classifier]] | None = None
     # Decoding is CPU work: it runs here, off the event loop, one thread per admitted request.
     decode_pool: ThreadPoolExecutor | None = None
+    _making: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def current_classifier(self) -> Classifier:
+        """The classifier; raises :class:`BackendUnavailable` (503) while it cannot be made."""
+        if self.classifier is None:
+            async with self._making:
+                if self.classifier is None:
+                    self.classifier = await self.make_classifier()
+        return self.classifier
+
+    @property
+    def models(self) -> dict[str, ModelEntry]:
+        """The served models (empty until known)."""
+        return self.classifier.models if self.classifier else {}
 
 
 def get_state(request: Request) -> ServerState:
@@ -39,7 +57,7 @@ def get_state(request: Request) -> ServerState:
 State = Annotated[ServerState, Depends(get_state)]
 
 
-def classify_options(
+async def classify_options(
     state: State,
     top_k: Annotated[
         int | None,
@@ -86,7 +104,7 @@ def classify_options(
         heatmap=heatmap,
         mode=mode,
     )
-    return state.classifier.resolve(options)
+    return (await state.current_classifier()).resolve(options)
 
 
 Options = Annotated[ClassifyOptions, Depends(classify_options)]

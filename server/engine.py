@@ -1,7 +1,8 @@
 """The inference backend as the classifier sees it: opened when the app starts, possibly down.
 
-The classifier is built (and its defaults checked) when the app is created; the engine itself
-is opened inside the running event loop (an async gRPC client belongs to the loop that made it).
+The classifier is built (and its defaults checked) when the app is created, except with
+``--backend triton``, whose models are read from Triton once it answers; the engine itself is
+opened inside the running event loop (an async gRPC client belongs to the loop that made it).
 Until it is open, or if opening failed, requests get 503 and ``/readyz`` says why.
 """
 
@@ -13,13 +14,14 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import numpy as np
 
-from inference import ModelEntry
+from inference import Classifier, ModelEntry, OptionError, RepositoryError
 from inference.backends.base import Backend, BackendUnavailable
 from server.settings import Settings
 
 log = logging.getLogger("server")
 
 Opener = Callable[[], Awaitable[Backend]]
+ClassifierFactory = Callable[[], Awaitable[Classifier]]
 
 
 class StartupError(RuntimeError):
@@ -44,12 +46,16 @@ class EngineHandle:
             self.failure = f"the {self.name} backend failed to start: {type(exc).__name__}: {exc}"
             log.error("%s", self.failure)
 
+    def backend(self) -> Backend:
+        """The open engine; raises :class:`BackendUnavailable` until it is open."""
+        if self._backend is None:
+            raise BackendUnavailable(self.failure or f"the {self.name} backend is starting")
+        return self._backend
+
     async def infer(
         self, model: str, images: np.ndarray, outputs: Sequence[str] = ("probs",)
     ) -> dict[str, np.ndarray]:
-        if self._backend is None:
-            raise BackendUnavailable(self.failure or f"the {self.name} backend is starting")
-        return await self._backend.infer(model, images, outputs)
+        return await self.backend().infer(model, images, outputs)
 
     async def ready(self) -> bool:
         return self._backend is not None and await self._backend.ready()
@@ -89,10 +95,12 @@ def with_batching(
 
 def engine_opener(
     settings: Settings,
-    models: Mapping[str, ModelEntry],
+    models: Mapping[str, ModelEntry] | None,
     on_batch: Callable[[int], object] | None = None,
 ) -> Opener:
-    """How to open the backend ``settings`` names; the Triton client is imported only if asked."""
+    """How to open the backend ``settings`` names; the Triton client is imported only if asked.
+
+    ``models`` are the repository's (None with ``--backend triton``: Triton's own)."""
     if settings.backend == "onnxruntime":
         from inference.backends.onnxruntime import OnnxRuntimeBackend
 
@@ -109,10 +117,37 @@ def engine_opener(
     except ImportError as exc:
         raise StartupError(f"--backend triton is not available here ({exc})") from exc
 
+    if settings.shape_multiple is not None:
+        raise StartupError(
+            "--shape-multiple is not available with --backend triton: Triton's classify model "
+            "rescales exactly, as the paper does; drop the flag"
+        )
+
     async def open_triton() -> Backend:
-        return TritonBackend(settings.triton_url, models)
+        # One classify call per request; the models are read from Triton when it answers.
+        return TritonBackend(settings.triton_url, pipeline=True)
 
     return open_triton
+
+
+def remote_classifier(settings: Settings, engine: EngineHandle) -> ClassifierFactory:
+    """``--backend triton``: the classifier over Triton's ``classify``, made once Triton has
+    said which models it serves (until then requests get 503 saying why)."""
+    from inference.remote import RemoteClassifier
+
+    async def make() -> Classifier:
+        backend = engine.backend()
+        try:
+            models = await backend.served_models(settings.models)
+            return RemoteClassifier(backend, models, default_scales=settings.scales)
+        except RepositoryError as exc:
+            raise BackendUnavailable(
+                f"{exc}; start the front end with --models naming them"
+            ) from exc
+        except OptionError as exc:
+            raise BackendUnavailable(f"--{exc}, for the models Triton serves") from exc
+
+    return make
 
 
 def warmup_shapes(

@@ -13,7 +13,7 @@ from PIL import Image
 from inference import Classifier, read_repository
 from server.admission import Admission
 from server.dependencies import ServerState
-from server.engine import EngineHandle, engine_opener
+from server.engine import EngineHandle, engine_opener, remote_classifier
 from server.errors import UnexpectedErrorMiddleware, install_error_handlers
 from server.metrics import Metrics, RequestMetricsMiddleware
 from server.routers import classify, health, models, page
@@ -43,20 +43,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Pillow refuses images over its own bomb limit (~89 MP) before ours is consulted; a larger
     # --max-pixels must be able to take effect, so Pillow's limit is raised to match.
     Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, settings.max_pixels)
-    served = read_repository(settings.repository, list(settings.models or ()) or None)
+    remote = settings.backend == "triton"  # the models are Triton's, read when it answers
+    served = (
+        None
+        if remote
+        else read_repository(settings.repository, list(settings.models or ()) or None)
+    )
     metrics = Metrics()
     engine = EngineHandle(
         settings.backend, engine_opener(settings, served, on_batch=metrics.batch_views.observe)
     )
     state = ServerState(
         settings=settings,
-        models=served,
         metrics=metrics,
         admission=Admission(settings.max_concurrency, settings.max_queue),
         engine=engine,
-        classifier=Classifier(
+        classifier=None
+        if remote
+        else Classifier(
             engine, served, default_scales=settings.scales, shape_multiple=settings.shape_multiple
         ),
+        make_classifier=remote_classifier(settings, engine) if remote else None,
     )
     state.metrics.in_flight.set_function(lambda: state.admission.in_flight)
     state.metrics.waiting.set_function(lambda: state.admission.waiting)

@@ -5,13 +5,11 @@ The numerics live in :mod:`inference`; this module only moves bytes and measures
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from fastapi import UploadFile
 
 from inference import ClassifyOptions
-from inference.images import decode_image
 from server.dependencies import ServerState
 from server.errors import BadUpload
 from server.schemas import ClassifyResponse, classify_response
@@ -37,20 +35,15 @@ async def classify_bytes(
     """Classify one image already admitted to a slot; ``started`` is ``time.perf_counter()``
     when the request began (so ``total`` includes the wait for the slot)."""
     assert state.decode_pool is not None, "the decode pool is made when the app starts"
-    loop = asyncio.get_running_loop()
-    decode_started = time.perf_counter()
     settings = state.settings
-    # --jpeg-draft: large JPEGs decode at reduced size, never below twice the largest Q (the
-    # options come resolved by the Options dependency: their scales are every Q used).
-    draft = 2 * max(options.scales) if settings.jpeg_draft else None
-    image = await loop.run_in_executor(
-        state.decode_pool, decode_image, data, settings.max_pixels, draft
+    classifier = await state.current_classifier()
+    # Decoded here in the decode pool, or by Triton's classify with --backend triton.
+    result = await classifier.classify_file(
+        data, options, settings.max_pixels, settings.jpeg_draft, state.decode_pool
     )
-    decoded = time.perf_counter()
-    result = await state.classifier.classify(image, options)
     finished = time.perf_counter()
     timing_ms = {
-        "decode": (decoded - decode_started) * 1e3,
+        "decode": result.timing_ms.get("decode", 0.0),
         "preprocess": result.timing_ms.get("preprocess", 0.0),
         "inference": result.timing_ms.get("inference", 0.0),
         "total": (finished - started) * 1e3,

@@ -116,7 +116,8 @@ class Settings:
     repository: Path = setting(
         Path("model_repository"),
         "Triton model repository written by python export/to_onnx.py; missing or empty: the "
-        "server exits with status 2 and one line saying what to do",
+        "server exits with status 2 and one line saying what to do. Not used with --backend "
+        "triton: the models are read from Triton",
         parse=Path,
         metavar="DIR",
     )
@@ -125,7 +126,8 @@ class Settings:
         "comma-separated models to serve and fuse, e.g. vgg16,vgg19",
         parse=parse_model_names,
         metavar="NAMES",
-        default_text="every model in the repository",
+        default_text="every model in the repository (--backend triton: every classifier Triton "
+        "serves)",
     )
     scales: tuple[int, ...] | None = setting(
         None,

@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,10 +62,14 @@ def image_folder(tmp_path_factory) -> Path:
     return folder
 
 
+# The client runs where no model repository is in sight: all it needs is Triton's address.
+ELSEWHERE = tempfile.gettempdir()
+
+
 def run_client(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "clients" / "grpc_batch.py"), *args],
-        cwd=ROOT,
+        cwd=ELSEWHERE,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -86,7 +91,7 @@ def start_client(*args: str, stderr: Path | None = None) -> subprocess.Popen:
         error = stack.enter_context(open(stderr, "w")) if stderr else subprocess.PIPE
         return subprocess.Popen(
             [sys.executable, str(ROOT / "clients" / "grpc_batch.py"), *args],
-            cwd=ROOT,
+            cwd=ELSEWHERE,
             stdout=subprocess.PIPE,
             stderr=error,
             text=True,
@@ -159,13 +164,12 @@ def assert_same_results(
             )
 
 
-def job_args(folder: Path, url: str, repository: Path, out: Path, *extra: str) -> list[str]:
+def job_args(folder: Path, url: str, out: Path, *extra: str) -> list[str]:
+    """The job's command line: Triton's address and no repository."""
     return [
         str(folder),
         "--url",
         url,
-        "--repository",
-        str(repository),
         "--models",
         "m16,m19",
         "--scales",
@@ -181,7 +185,7 @@ def uninterrupted(triton_server, two_model_repository, image_folder, tmp_path_fa
     """One plain run over the folder: (results, errors, stderr)."""
     repository, _ = two_model_repository
     out = tmp_path_factory.mktemp("full") / "results.jsonl"
-    result = run_client(*job_args(image_folder, triton_server.grpc_url, repository, out))
+    result = run_client(*job_args(image_folder, triton_server.grpc_url, out))
     assert result.returncode == 0, result.stderr
     return load(out), load(out.with_name("results.errors.jsonl")), result.stderr
 
@@ -228,7 +232,7 @@ def test_killed_halfway_and_resumed_gives_the_uninterrupted_result_set(
 ):
     repository, _ = two_model_repository
     out = tmp_path / "results.jsonl"
-    args = job_args(image_folder, triton_server.grpc_url, repository, out, "--concurrency", "2")
+    args = job_args(image_folder, triton_server.grpc_url, out, "--concurrency", "2")
     client = start_client(*args)
     half = (IMAGES + len(UNREADABLE)) // 2
     wait_until(lambda: count_lines(out) >= half, client, "half of the results")
@@ -256,7 +260,7 @@ def test_triton_killed_mid_run_the_job_still_completes(
     stderr = tmp_path / "client.err"
     try:
         client = start_client(
-            *job_args(image_folder, server.grpc_url, repository, out, "--concurrency", "8"),
+            *job_args(image_folder, server.grpc_url, out, "--concurrency", "8"),
             stderr=stderr,
         )
         wait_until(lambda: count_lines(out) >= 10, client, "10 results before the outage")
@@ -279,13 +283,13 @@ def test_triton_down_stops_early_then_resume_finishes(
     repository, _ = two_model_repository
     out = tmp_path / "results.jsonl"
     (port,) = free_ports(1)
-    down = run_here(*job_args(image_folder, f"127.0.0.1:{port}", repository, out, "--retries", "1"))
+    down = run_here(*job_args(image_folder, f"127.0.0.1:{port}", out, "--retries", "1"))
     assert down.returncode == 75, down.stderr
     assert f"Triton at 127.0.0.1:{port} is unreachable" in down.stderr
     assert "--resume" in down.stderr
     assert count_lines(out) == 0
 
-    done = run_here(*job_args(image_folder, triton_server.grpc_url, repository, out, "--resume"))
+    done = run_here(*job_args(image_folder, triton_server.grpc_url, out, "--resume"))
     assert done.returncode == 0, done.stderr
     results, errors, _ = uninterrupted
     assert_same_results(load(out), results, tolerance)
@@ -301,7 +305,7 @@ def test_shards_split_the_job_without_overlap(
         out = tmp_path / f"part{index}.jsonl"
         result = run_here(
             *job_args(
-                image_folder, triton_server.grpc_url, repository, out, "--shard", f"{index}/2"
+                image_folder, triton_server.grpc_url, out, "--shard", f"{index}/2"
             )
         )
         assert result.returncode == 0, result.stderr
@@ -312,6 +316,19 @@ def test_shards_split_the_job_without_overlap(
     assert sorted([*parts[0], *parts[1]]) == sorted([*results, *errors])
     merged = {p: r for part in parts for p, r in part.items() if p in results}
     assert_same_results(merged, results, tolerance)
+
+
+def test_decoding_here_gives_the_same_results(
+    triton_server, image_folder, uninterrupted, tolerance, tmp_path
+):
+    results, errors, _ = uninterrupted
+    out = tmp_path / "results.jsonl"
+    args = job_args(image_folder, triton_server.grpc_url, out, "--decode", "local")
+    result = run_client(*args)
+    assert result.returncode == 0, result.stderr
+    assert "decoding here" in result.stderr
+    assert_same_results(load(out), results, tolerance)
+    assert sorted(load(out.with_name("results.errors.jsonl"))) == sorted(errors)
 
 
 def test_shared_memory_gives_the_same_results(
@@ -334,6 +351,8 @@ def test_shared_memory_gives_the_same_results(
         SCALES,
         "--out",
         str(out),
+        "--decode",
+        "local",
         "--shm",
     )
     assert result.returncode == 0, result.stderr
@@ -348,14 +367,17 @@ def test_existing_output_needs_resume_or_overwrite(
     out = tmp_path / "results.jsonl"
     out.write_text('{"path": "x", "predictions": []}\n')
     (port,) = free_ports(1)
-    assert grpc_batch_main(job_args(image_folder, f"127.0.0.1:{port}", repository, out)) == 2
+    assert grpc_batch_main(job_args(image_folder, f"127.0.0.1:{port}", out)) == 2
     stderr = capsys.readouterr().err
     assert "already exist; pass --resume" in stderr and "--overwrite" in stderr
-    args = job_args(image_folder, f"127.0.0.1:{port}", repository, out, "--shard", "2/2")
+    args = job_args(image_folder, f"127.0.0.1:{port}", out, "--shard", "2/2")
     assert grpc_batch_main(args) == 2 and "0 <= i < n" in capsys.readouterr().err
-    args = job_args(image_folder, "10.1.2.3:8001", repository, out, "--shm")
+    args = job_args(image_folder, "10.1.2.3:8001", out, "--shm")
     assert grpc_batch_main(args) == 2
     assert "--shm needs Triton on this machine" in capsys.readouterr().err
+    args = job_args(image_folder, f"127.0.0.1:{port}", out, "--shm")
+    assert grpc_batch_main(args) == 2
+    assert "use it with --decode local" in capsys.readouterr().err
 
 
 def test_read_done_cuts_a_torn_tail_and_refuses_a_corrupt_middle(tmp_path):

@@ -359,7 +359,9 @@ def test_backend_down_is_503_and_not_ready(two_model_repository):
         detail = assert_error(response, 503, "triton inference backend is unavailable", nobody)
         assert "retry" in detail.lower()
         assert int(response.headers["retry-after"]) >= 1
-        assert post(client, b"not an image").status_code == 415  # still judged on its own
+        # The models are Triton's: until it has answered once, no request can be judged.
+        assert post(client, b"not an image").status_code == 503
+        assert client.get("/v1/models").status_code == 503
         assert client.get("/healthz").status_code == 200
 
 

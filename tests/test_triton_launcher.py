@@ -33,8 +33,8 @@ def parse(path: Path) -> model_config_pb2.ModelConfig:
 def test_twin_differs_from_production_only_in_engine(two_model_repository, tmp_path):
     repository, _ = two_model_repository
     names = write_twin(repository, tmp_path / "twin")
-    assert names == ["m16", "m19"]
-    for name in names:
+    assert names == ["m16", "m19", "classify"]
+    for name in names[:2]:
         production = parse(repository / name / "config.pbtxt")
         twin = parse(tmp_path / "twin" / name / "config.pbtxt")
         assert production.platform == "onnxruntime_onnx"
@@ -49,6 +49,13 @@ def test_twin_differs_from_production_only_in_engine(two_model_repository, tmp_p
         assert labels.resolve() == (repository / name / "labels.txt").resolve()
         model_py = tmp_path / "twin" / name / "1" / "model.py"
         assert model_py.read_text() == MODEL_TEMPLATE.read_text()
+    # The pipeline model is a Python-backend model already: taken as it is, in a folder of its
+    # own (it reads its siblings, which must be the twin's).
+    twin_classify = tmp_path / "twin" / "classify"
+    assert not twin_classify.is_symlink()
+    assert parse(twin_classify / "config.pbtxt") == parse(repository / "classify" / "config.pbtxt")
+    model_py = twin_classify / "1" / "model.py"
+    assert model_py.resolve() == (repository / "classify" / "1" / "model.py").resolve()
 
 
 def test_twin_equals_the_python_config_of_the_same_model():
@@ -66,7 +73,7 @@ def test_twin_equals_the_python_config_of_the_same_model():
 def test_twin_instance_count_override(two_model_repository, tmp_path):
     repository, _ = two_model_repository
     write_twin(repository, tmp_path / "twin", ["m19"], instance_count=2)
-    assert sorted(p.name for p in (tmp_path / "twin").iterdir()) == ["m19"]
+    assert sorted(p.name for p in (tmp_path / "twin").iterdir()) == ["classify", "m19"]
     assert parse(tmp_path / "twin" / "m19" / "config.pbtxt").instance_group[0].count == 2
 
 
@@ -129,7 +136,7 @@ def test_stop_and_kill_leave_no_process_shared_memory_or_port(two_model_reposito
     server = start_triton(repository)
     try:
         stubs = _children(server.process.pid)
-        assert len(stubs) == 2  # one Python stub per model instance
+        assert len(stubs) == 4  # a Python stub per model instance: m16, m19, classify x 2
         prefix = server._shm_prefix
         assert list(Path("/dev/shm").glob(f"{prefix}*"))
         pid = server.process.pid

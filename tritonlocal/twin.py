@@ -5,7 +5,8 @@ local server loads a twin: for every model of the production repository, its own
 ``config.pbtxt`` with the platform switched to ``backend: "python"`` (inputs, outputs, batching,
 instances and parameters untouched), ``labels.txt`` and ``<version>/model.onnx`` as links to the
 production files, and ``<version>/model.py`` from :mod:`tritonlocal.python_model`. Nothing is
-copied that could drift; large graphs are never duplicated.
+copied that could drift; large graphs are never duplicated. The ``classify`` pipeline model is a
+Python-backend model already: its config is taken as it is, and its ``model.py`` linked.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from export.repository import config_text, parse_config
-from inference.repository import RepositoryError, model_names
+from inference.repository import CLASSIFY_MODEL, RepositoryError, model_names
 
 MODEL_TEMPLATE = Path(__file__).with_name("python_model.py")
 
@@ -41,7 +42,8 @@ def _link(target: Path, link: Path) -> None:
 def write_twin(
     repository: Path, twin: Path, names: list[str] | None = None, instance_count: int | None = None
 ) -> list[str]:
-    """(Re)write ``twin`` as the Python-backend twin of ``repository``; returns the model names.
+    """(Re)write ``twin`` as the Python-backend twin of ``repository``; returns the model names
+    (the classifiers, then ``classify`` where the repository has it).
 
     ``twin`` is replaced entirely, so a model removed from production disappears from the twin.
     """
@@ -72,4 +74,18 @@ def write_twin(
             (target / version.name).mkdir()
             _link(version / "model.onnx", target / version.name / "model.onnx")
             shutil.copyfile(MODEL_TEMPLATE, target / version.name / "model.py")
+    pipeline = repository / CLASSIFY_MODEL
+    if (pipeline / "config.pbtxt").is_file():
+        # A folder of links, not a link to the folder: the model reads its siblings, which must
+        # be the twin's (only the models served).
+        for path in sorted(pipeline.rglob("*")):
+            if "__pycache__" in path.parts:
+                continue
+            target = twin / CLASSIFY_MODEL / path.relative_to(pipeline)
+            if path.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _link(path, target)
+        models.append(CLASSIFY_MODEL)
     return models

@@ -2,9 +2,12 @@
 
 Each ``infer`` is one gRPC call asking only for the outputs the protocol needs; the classifier
 keeps every (model, Q) call of a request in flight together and Triton's dynamic batcher merges
-equal shapes. When Triton is unreachable, not ready or lacks a model, calls raise
-:class:`BackendUnavailable` (HTTP 503) with what to do; the next call after an outage opens a new
-channel, so the same backend object recovers by itself when Triton comes back.
+equal shapes. ``classify`` is one call to Triton's ``classify`` model instead: encoded files in,
+the whole protocol run inside Triton. What a client needs to know about the models (labels,
+input limits, serving scales) is read from Triton itself by :meth:`TritonBackend.served_models`.
+When Triton is unreachable, not ready or lacks a model, calls raise :class:`BackendUnavailable`
+(HTTP 503) with what to do; the next call after an outage opens a new channel, so the same
+backend object recovers by itself when Triton comes back.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
 from inference.backends.base import BackendUnavailable
-from inference.repository import ModelEntry
+from inference.repository import CLASSIFY_MODEL, ModelEntry, RepositoryError, model_entry
 
 DEFAULT_TIMEOUT_S = 120.0  # full VGG at Q=512 queued behind others takes seconds on a CPU
 DEFAULT_CHECK_TIMEOUT_S = 2.0
@@ -50,6 +53,11 @@ class TritonTimeout(BackendUnavailable):
 
 class TritonError(RuntimeError):
     """Triton refused or failed a request for a reason retrying will not fix."""
+
+
+class TritonRefused(TritonError):
+    """Triton's ``classify`` refused a request (INVALID_ARGUMENT): a bad file or parameter. The
+    message is the HTTP API's."""
 
 
 class _RegionLost(TritonError):
@@ -120,10 +128,12 @@ class TritonBackend:
 
     Args:
         url: Triton's gRPC ``host:port`` (e.g. ``127.0.0.1:8001``).
-        models: the repository's models by name; Triton must serve the same names.
+        models: the repository's models by name; Triton must serve the same names. None: the
+            classifiers Triton serves, read from it when first needed (:meth:`served_models`).
         timeout_s: per-call deadline.
         check_timeout_s: deadline of the readiness checks.
         shared_memory: send inputs through Triton's system shared memory (Triton on this host).
+        pipeline: calls go to the ``classify`` model; readiness includes it.
     """
 
     name = "triton"
@@ -131,15 +141,17 @@ class TritonBackend:
     def __init__(
         self,
         url: str,
-        models: Mapping[str, ModelEntry],
+        models: Mapping[str, ModelEntry] | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         check_timeout_s: float = DEFAULT_CHECK_TIMEOUT_S,
         shared_memory: bool = False,
+        pipeline: bool = False,
     ) -> None:
         self.url = url
-        self.models = dict(models)
+        self.models = dict(models) if models is not None else None
         self.timeout_s = timeout_s
         self.check_timeout_s = check_timeout_s
+        self.pipeline = pipeline
         self._client: grpcclient.InferenceServerClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shm = _SharedMemoryPool() if shared_memory else None
@@ -211,6 +223,16 @@ class TritonBackend:
             )
         if "shared memory region" in message.lower():
             return _RegionLost(f"Triton lost a shared memory region: {message}")
+        if status == "StatusCode.INVALID_ARGUMENT" and model == CLASSIFY_MODEL:
+            return TritonRefused(message)
+        if model == CLASSIFY_MODEL and (
+            status == "StatusCode.NOT_FOUND" or "unknown model" in message.lower()
+        ):
+            return BackendUnavailable(
+                f"Triton at {self.url} does not serve the {CLASSIFY_MODEL} model ({message}); "
+                "export the repository again with python export/to_onnx.py (it writes "
+                f"{CLASSIFY_MODEL}/) and restart Triton"
+            )
         if status == "StatusCode.NOT_FOUND" or "unknown model" in message.lower():
             return BackendUnavailable(
                 f"model {model} is not loaded in Triton at {self.url} ({message}); serve the "
@@ -221,10 +243,93 @@ class TritonBackend:
             return self._unreachable(message.splitlines()[0] if message else status)
         return TritonError(f"Triton failed {model}: {message}")
 
+    async def served_models(self, names: Sequence[str] | None = None) -> dict[str, ModelEntry]:
+        """The classifiers Triton serves (all, or ``names`` in that order), as a repository on
+        disk would describe them; read from Triton once, then kept.
+
+        Each model's config gives its pre-processing, input limits and serving scales; its
+        labels come from Triton's classification extension (one run at the smallest input).
+        Raises :class:`BackendUnavailable` while Triton is down, :class:`RepositoryError` when
+        it serves none of ``names``.
+        """
+        if self.models is None:
+            self.models = await self._read_models()
+        if not names:
+            return dict(self.models)
+        unknown = [name for name in names if name not in self.models]
+        if unknown:
+            raise RepositoryError(
+                f"Triton at {self.url} serves no model {', '.join(unknown)}; it serves "
+                f"{', '.join(self.models) or 'no classifier'}"
+            )
+        return {name: self.models[name] for name in names}
+
+    async def _read_models(self) -> dict[str, ModelEntry]:
+        client = self._channel()
+        timeout = self.check_timeout_s
+        try:
+            index = await client.get_model_repository_index(as_json=True)
+            ready = sorted(
+                (m["name"], int(m.get("version") or 1))
+                for m in index.get("models", [])
+                if m.get("state") == "READY" and m["name"] != CLASSIFY_MODEL
+            )
+            configs = await asyncio.gather(
+                *(client.get_model_config(name, client_timeout=timeout) for name, _ in ready)
+            )
+        except (InferenceServerException, grpc.RpcError, grpc.aio.UsageError) as exc:
+            raise self._translate(exc, "the model list", client, timeout) from exc
+        models = {}
+        for (name, version), response in zip(ready, configs, strict=True):
+            config = response.config
+            outputs = {output.name: output for output in config.output}
+            if "probs" not in outputs or "min_size" not in config.parameters:
+                continue  # not one of our classifiers
+            classes = int(outputs["probs"].dims[0])
+            labels = await self._labels(
+                name, classes, int(config.parameters["min_size"].string_value)
+            )
+            models[name] = model_entry(config, labels, version)
+        if not models:
+            raise BackendUnavailable(
+                f"Triton at {self.url} serves no classifier yet; serve a repository written by "
+                "python export/to_onnx.py"
+            )
+        return models
+
+    async def _labels(self, model: str, classes: int, min_size: int) -> tuple[str, ...]:
+        """Every class name of ``model``, from Triton's classification extension: one run on a
+        black image at the smallest input asks for all ``classes`` as ``score:index:label``."""
+        image = grpcclient.InferInput("image", [1, 3, min_size, min_size], "UINT8")
+        image.set_data_from_numpy(np.zeros((1, 3, min_size, min_size), np.uint8))
+        wanted = [grpcclient.InferRequestedOutput("probs", class_count=classes)]
+        result = await self._call(model, image, wanted)
+        labels = [str(i) for i in range(classes)]
+        for entry in result.as_numpy("probs").reshape(-1):
+            parts = entry.decode().split(":", 2)
+            if len(parts) == 3:  # score:index:label (no label file: score:index)
+                labels[int(parts[1])] = parts[2]
+        return tuple(labels)
+
+    async def classify(
+        self, files: Sequence[bytes], parameters: Mapping[str, object], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        """One call to Triton's ``classify``: encoded ``files`` in ([n, 1] BYTES), ``outputs``
+        back, each with the files along the first axis. A refused file or parameter raises
+        :class:`TritonRefused` with the HTTP API's message."""
+        data = np.array([[bytes(f)] for f in files], dtype=np.object_)
+        files_input = grpcclient.InferInput("image", list(data.shape), "BYTES")
+        files_input.set_data_from_numpy(data)
+        requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
+        result = await self._call(CLASSIFY_MODEL, files_input, requested, dict(parameters))
+        return {name: result.as_numpy(name) for name in outputs}
+
     async def infer(
         self, model: str, images: np.ndarray, outputs: Sequence[str] = ("probs",)
     ) -> dict[str, np.ndarray]:
         """One gRPC call: ``images`` (N, 3, H, W) uint8 in, only ``outputs`` back."""
+        if self.models is None:
+            await self.served_models()
         if model not in self.models:
             raise TritonError(f"unknown model {model!r}; available: {', '.join(self.models)}")
         images = np.ascontiguousarray(images, dtype=np.uint8)
@@ -252,11 +357,17 @@ class TritonBackend:
                 self._shm.release(region)
         raise AssertionError("unreachable")
 
-    async def _call(self, model: str, image, requested) -> grpcclient.InferResult:
+    async def _call(
+        self, model: str, image, requested, parameters: dict | None = None
+    ) -> grpcclient.InferResult:
         client = self._channel()
         try:
             return await client.infer(
-                model, [image], outputs=requested, client_timeout=self.timeout_s
+                model,
+                [image],
+                outputs=requested,
+                client_timeout=self.timeout_s,
+                parameters=parameters or None,
             )
         except (InferenceServerException, grpc.RpcError, grpc.aio.UsageError) as exc:
             raise self._translate(exc, model, client) from exc
@@ -268,19 +379,27 @@ class TritonBackend:
         except (InferenceServerException, grpc.RpcError, grpc.aio.UsageError) as exc:
             raise self._translate(exc, model, client) from exc
 
-    async def check(self) -> None:
-        """Raise :class:`BackendUnavailable` saying why Triton cannot serve every model now."""
+    async def check(self, names: Sequence[str] | None = None, pipeline: bool = False) -> None:
+        """Raise :class:`BackendUnavailable` saying why Triton cannot serve now: every model
+        (or ``names``), and with ``pipeline`` the ``classify`` model too."""
         client = self._channel()
         timeout = self.check_timeout_s
         try:
             if not await client.is_server_ready(client_timeout=timeout):
                 raise self._unreachable("server not ready")
+        except (InferenceServerException, grpc.RpcError, grpc.aio.UsageError) as exc:
+            raise self._translate(exc, "the readiness check", client, timeout) from exc
+        wanted = list(names or (await self.served_models()))
+        if pipeline:
+            wanted.append(CLASSIFY_MODEL)
+        client = self._channel()
+        try:
             ready = await asyncio.gather(
-                *(client.is_model_ready(name, client_timeout=timeout) for name in self.models)
+                *(client.is_model_ready(name, client_timeout=timeout) for name in wanted)
             )
         except (InferenceServerException, grpc.RpcError, grpc.aio.UsageError) as exc:
             raise self._translate(exc, "the readiness check", client, timeout) from exc
-        missing = [name for name, ok in zip(self.models, ready, strict=True) if not ok]
+        missing = [name for name, ok in zip(wanted, ready, strict=True) if not ok]
         if missing:
             raise BackendUnavailable(
                 f"Triton at {self.url} has not loaded {', '.join(missing)}; serve the same "
@@ -288,10 +407,10 @@ class TritonBackend:
             )
 
     async def ready(self) -> bool:
-        """Whether Triton is reachable, ready and serves every model."""
+        """Whether Triton is reachable, ready and serves every model (and ``classify``)."""
         try:
-            await self.check()
-        except (BackendUnavailable, TritonError):
+            await self.check(pipeline=self.pipeline)
+        except (BackendUnavailable, TritonError, RepositoryError):
             return False
         return True
 

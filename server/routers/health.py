@@ -8,6 +8,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from inference.backends.base import BackendUnavailable
 from server.dependencies import State
 from server.schemas import Health, Readiness
 
@@ -34,6 +35,10 @@ async def readyz(state: State) -> Readiness | JSONResponse:
     detail = state.engine.failure
     try:
         ready = await state.engine.ready()
+        if ready:
+            await state.current_classifier()  # --backend triton: the models it serves fit
+    except BackendUnavailable as exc:
+        ready, detail = False, str(exc)
     except Exception as exc:  # a probe must answer, whatever the engine does
         log.warning("readiness check failed: %s", exc)
         ready, detail = False, f"{type(exc).__name__}: {exc}"

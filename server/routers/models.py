@@ -15,11 +15,12 @@ router = APIRouter(prefix="/v1", tags=["models"])
 async def list_models(state: State) -> ModelsResponse:
     """Each model's architecture, class count, minimum Q, pre-processing and version."""
     backend = state.settings.backend
-    defaults = state.classifier.resolve(ClassifyOptions())
+    classifier = await state.current_classifier()
+    defaults = classifier.resolve(ClassifyOptions())
     return ModelsResponse(
         models=[
             served_model(entry, backend, defaults.model_scales[name])
-            for name, entry in state.models.items()
+            for name, entry in classifier.models.items()
         ],
         default_scales=list(defaults.scales),
         shape_multiple=state.settings.shape_multiple,

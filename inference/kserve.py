@@ -65,18 +65,21 @@ def options_from_parameters(parameters: Mapping[str, object]) -> tuple[ClassifyO
     parameters are (clients and Triton add their own, e.g. ``binary_data_output``)."""
     scales = models = None
     if "scales" in parameters:
+        text = _text("scales", parameters["scales"])
         try:
-            scales = parse_scales(_text("scales", parameters["scales"]))
+            scales = parse_scales(text)
         except ValueError as exc:
             raise OptionError("scales", str(exc)) from None
     if "models" in parameters:
+        text = _text("models", parameters["models"])
         try:
-            models = parse_model_names(_text("models", parameters["models"]))
+            models = parse_model_names(text)
         except ValueError as exc:
             raise OptionError("models", str(exc)) from None
     mode = _text("mode", parameters.get("mode", "dense"))
-    if mode not in MODES:
-        raise OptionError("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode not in MODES:  # worded as the HTTP API's validation says it
+        choices = ", ".join(repr(m) for m in MODES[:-1]) + f" or {MODES[-1]!r}"
+        raise OptionError("mode", f"Input should be {choices} (got {mode!r})")
     options = ClassifyOptions(
         scales=scales,
         flip=_flag("flip", parameters.get("flip", True)),

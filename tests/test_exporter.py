@@ -14,6 +14,7 @@ import pytest
 
 from export import to_onnx
 from export.exporter import ExportError, export_model
+from export.repository import CLASSIFY_MODEL_PY, classify_config, parse_config
 from inference import read_repository
 from testkit import REPOSITORY_ROOT as ROOT
 from testkit.models import SMALL
@@ -48,6 +49,26 @@ def test_export_model_writes_what_the_command_writes(small_state_dict_path, tmp_
     assert read_repository(tmp_path / "library")["small"].scales == (64, 96)
 
 
+def test_every_repository_gets_the_classify_model(small_state_dict_path, tmp_path):
+    repository = tmp_path / "repo"
+    export = {"arch": "vgg16", "repository": repository, "log": lambda _: None, **SMALL_SETTINGS}
+    export_model(small_state_dict_path, name="first", **export)
+    classify = repository / "classify"
+    assert parse_config((classify / "config.pbtxt").read_text()) == classify_config()
+    assert (classify / "1" / "model.py").read_text() == CLASSIFY_MODEL_PY
+    assert list(read_repository(repository)) == ["first"]  # the pipeline is not a classifier
+    # An operator's edit of its config survives the next export; its code is made current.
+    edited = (classify / "config.pbtxt").read_text().replace("50000000", "20000000")
+    assert "20000000" in edited
+    (classify / "config.pbtxt").write_text(edited)
+    (classify / "1" / "model.py").write_text("stale")
+    export_model(small_state_dict_path, name="second", **export)
+    assert (classify / "config.pbtxt").read_text() == edited
+    assert (classify / "1" / "model.py").read_text() == CLASSIFY_MODEL_PY
+    assert list(read_repository(repository)) == ["first", "second"]
+    assert sorted(p.name for p in classify.rglob("*")) == ["1", "config.pbtxt", "model.py"]
+
+
 def test_every_flag_is_a_keyword_argument_with_the_same_default():
     actions = [a for a in to_onnx.build_parser()._actions if a.dest not in ("help", "weights")]
     parameters = inspect.signature(export_model).parameters
@@ -61,6 +82,7 @@ BAD_SETTINGS = [
     ({"version": 0}, ["--version", "0"], "--version must be a positive integer"),
     ({"opset": 12}, ["--opset", "12"], "--opset must be between 13 and 21"),
     ({"name": "a b"}, ["--name", "a b"], "--name 'a b': use letters, digits"),
+    ({"name": "classify"}, ["--name", "classify"], "--name 'classify' is taken by the pipeline"),
     ({"precision": "int8"}, ["--precision", "int8"], "--precision int8 needs --calibration DIR"),
     (
         {"calibration": Path("x")},
@@ -80,7 +102,17 @@ BAD_SETTINGS = [
 @pytest.mark.parametrize(
     ("settings", "flags", "message"),
     BAD_SETTINGS,
-    ids=["version", "opset", "name", "int8-alone", "calibration-alone", "verify", "scales", "zero"],
+    ids=[
+        "version",
+        "opset",
+        "name",
+        "reserved-name",
+        "int8-alone",
+        "calibration-alone",
+        "verify",
+        "scales",
+        "zero",
+    ],
 )
 def test_bad_settings_give_the_flags_message_before_anything_is_read(
     settings, flags, message, tmp_path, capsys

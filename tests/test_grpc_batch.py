@@ -260,8 +260,7 @@ def test_triton_killed_mid_run_the_job_still_completes(
     stderr = tmp_path / "client.err"
     try:
         client = start_client(
-            *job_args(image_folder, server.grpc_url, out, "--concurrency", "8"),
-            stderr=stderr,
+            *job_args(image_folder, server.grpc_url, out, "--concurrency", "8"), stderr=stderr
         )
         wait_until(lambda: count_lines(out) >= 10, client, "10 results before the outage")
         server.kill()
@@ -304,9 +303,7 @@ def test_shards_split_the_job_without_overlap(
     for index in range(2):
         out = tmp_path / f"part{index}.jsonl"
         result = run_here(
-            *job_args(
-                image_folder, triton_server.grpc_url, out, "--shard", f"{index}/2"
-            )
+            *job_args(image_folder, triton_server.grpc_url, out, "--shard", f"{index}/2")
         )
         assert result.returncode == 0, result.stderr
         parts.append({**load(out), **load(tmp_path / f"part{index}.errors.jsonl")})

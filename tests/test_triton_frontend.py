@@ -10,6 +10,7 @@ import time
 
 import httpx
 import numpy as np
+import tritonclient.grpc as grpcclient
 
 from inference import decode_image
 from inference.protocol import dense_batch, multicrop_batch
@@ -33,17 +34,27 @@ def test_same_answers_as_the_embedded_backend(triton_server, two_model_repositor
         jpeg(77, 150, seed=2, quality=95),
         jpeg(200, 200, seed=3, quality=95),
     ]
+    # Only Triton's address: the models, labels and scales are read from Triton.
     triton_args = ["--backend", "triton", "--triton-url", triton_server.grpc_url]
+    triton = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    calls_before = classify_calls(triton)
+    requests = 0
     with (
-        ServerProcess(*common, *triton_args, log_dir=tmp_path) as via_triton,
+        ServerProcess(*triton_args, log_dir=tmp_path) as via_triton,
         ServerProcess(*common, log_dir=tmp_path) as embedded,
     ):
         assert httpx.get(f"{via_triton.url}/readyz").json()["ready"] is True
-        models = httpx.get(f"{via_triton.url}/v1/models").json()["models"]
-        assert {m["backend"] for m in models} == {"triton"}
+        listed = httpx.get(f"{via_triton.url}/v1/models").json()
+        assert {m["backend"] for m in listed["models"]} == {"triton"}
+        # What Triton serves, described as the embedded server describes its repository.
+        assert listed == {
+            **httpx.get(f"{embedded.url}/v1/models").json(),
+            "models": [{**m, "backend": "triton"} for m in listed["models"]],
+        }
         for data in images:
             for params in ({}, {"mode": "both", "flip": "false"}):
                 got = classify(via_triton.url, data, **params)
+                requests += 1
                 expected = classify(embedded.url, data, **params)
                 assert got.status_code == expected.status_code == 200, got.text
                 got, expected = got.json(), expected.json()
@@ -60,6 +71,15 @@ def test_same_answers_as_the_embedded_backend(triton_server, two_model_repositor
                         rtol=0,
                         atol=tolerance,
                     )
+    # One classify call per request, nothing else from the front end.
+    assert classify_calls(triton) - calls_before == requests
+    triton.close()
+
+
+def classify_calls(triton) -> int:
+    """Requests Triton's classify model has answered successfully."""
+    stats = triton.get_inference_statistics("classify", as_json=True)["model_stats"][0]
+    return int(stats["inference_stats"]["success"].get("count", 0))
 
 
 def posterior_tolerance(repository, torch_models, data: bytes, params: dict) -> float:

@@ -400,10 +400,16 @@ class TritonBackend:
         except (InferenceServerException, grpc.RpcError, grpc.aio.UsageError) as exc:
             raise self._translate(exc, "the readiness check", client, timeout) from exc
         missing = [name for name, ok in zip(wanted, ready, strict=True) if not ok]
+        if missing == [CLASSIFY_MODEL]:
+            raise BackendUnavailable(
+                f"Triton at {self.url} has not loaded the {CLASSIFY_MODEL} model; serve a "
+                "repository exported by python export/to_onnx.py (it writes "
+                f"{CLASSIFY_MODEL}/), or decode here (grpc_batch --decode local)"
+            )
         if missing:
             raise BackendUnavailable(
-                f"Triton at {self.url} has not loaded {', '.join(missing)}; serve the same "
-                "model repository as the front end, then retry"
+                f"Triton at {self.url} has not loaded {', '.join(missing)}; serve the model "
+                "repository they are in, then retry"
             )
 
     async def ready(self) -> bool:

@@ -91,6 +91,10 @@ class TritonPythonModel:
             return _error(str(exc), pb_utils.TritonError.INVALID_ARG)
         except BackendUnavailable as exc:
             return _error(str(exc), pb_utils.TritonError.UNAVAILABLE)
+        except Exception as exc:  # noqa: BLE001 - a bug fails its own request, not the batch
+            return _error(
+                f"classify failed: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL
+            )
         arrays = [result_arrays(result) for result in results]
         tensors = [pb_utils.Tensor(name, np.stack([a[name] for a in arrays])) for name in wanted]
         return pb_utils.InferenceResponse(output_tensors=tensors)

@@ -10,18 +10,6 @@
 ARG TRITON_VERSION=24.10
 ARG PYTHON_VERSION=3.11
 
-# --- triton: NVIDIA's Triton Inference Server, native ONNX Runtime backend, on the GPU ---------
-# 24.10 is Triton 2.51, the version the local CPU twin (make triton) runs in the tests.
-FROM nvcr.io/nvidia/tritonserver:${TRITON_VERSION}-py3 AS triton
-# The production configs (platform "onnxruntime_onnx", KIND_AUTO instances: the GPU when the
-# container sees one). Mount another repository on /models to serve it instead.
-COPY model_repository/ /models/
-EXPOSE 8000 8001 8002
-HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
-    CMD ["curl", "-fsS", "http://127.0.0.1:8000/v2/health/ready"]
-ENTRYPOINT ["tritonserver"]
-CMD ["--model-repository=/models", "--strict-readiness=true", "--exit-on-error=true"]
-
 # --- build: the vggserve wheel ------------------------------------------------------------------
 FROM python:${PYTHON_VERSION}-slim AS build
 WORKDIR /src
@@ -31,7 +19,33 @@ COPY inference/ inference/
 COPY server/ server/
 COPY export/ export/
 COPY clients/ clients/
+COPY tritonmodels/ tritonmodels/
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+# --- triton: NVIDIA's Triton Inference Server, native ONNX Runtime backend, on the GPU ---------
+# 24.10 is Triton 2.51, the version the local CPU twin (make triton) runs in the tests.
+FROM nvcr.io/nvidia/tritonserver:${TRITON_VERSION}-py3 AS triton
+# The classify model (Python backend) runs tritonmodels.classify in Triton's stub, which uses
+# the container's Python 3.10: the wheel goes in despite the package's requires-python (the
+# code classify imports runs on 3.10), with only what that code imports. The ranges are
+# pyproject.toml's (tests/test_dockerfile.py keeps them equal).
+COPY --from=build /wheels /wheels
+RUN python3 -m pip install --no-cache-dir --no-deps --ignore-requires-python /wheels/*.whl \
+    && python3 -m pip install --no-cache-dir \
+        "numpy>=1.26,<3" \
+        "pillow>=10.3,<14" \
+        "protobuf>=4.25,<7" \
+        "tritonclient[grpc]>=2.50,<3" \
+    && rm -rf /wheels
+# The production configs (platform "onnxruntime_onnx", KIND_AUTO instances: the GPU when the
+# container sees one) and classify. Mount another repository on /models to serve it instead:
+# classify reads its sibling models' config.pbtxt and labels.txt from that folder.
+COPY model_repository/ /models/
+EXPOSE 8000 8001 8002
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["curl", "-fsS", "http://127.0.0.1:8000/v2/health/ready"]
+ENTRYPOINT ["tritonserver"]
+CMD ["--model-repository=/models", "--strict-readiness=true", "--exit-on-error=true"]
 
 # --- frontend: the HTTP front end, talking to Triton over gRPC ----------------------------------
 FROM python:${PYTHON_VERSION}-slim AS frontend
@@ -57,10 +71,10 @@ RUN pip install --no-cache-dir --no-deps /wheels/*.whl \
     && useradd --system --uid 10001 --no-create-home vggserve
 USER 10001
 WORKDIR /home/vggserve
-# Labels and pre-processing come from the same repository Triton serves: mount it on /models.
-VOLUME ["/models"]
+# Only Triton's address: labels, limits and serving scales are read from Triton, and each
+# request is one call to its classify model. No repository is mounted here.
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
 ENTRYPOINT ["python", "-m", "server"]
-CMD ["--backend", "triton", "--triton-url", "triton:8001", "--host", "0.0.0.0", "--port", "8080", "--repository", "/models"]
+CMD ["--backend", "triton", "--triton-url", "triton:8001", "--host", "0.0.0.0", "--port", "8080"]

@@ -9,8 +9,10 @@ one run against another (a few 1e-8 on a posterior here), far inside 1e-6.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -274,3 +276,28 @@ def test_documented_client_runs_against_make_triton(two_model_repository, http_a
     ]
     for line, prediction in zip(lines, expected["predictions"], strict=True):
         assert abs(float(line.rsplit(" ", 1)[1]) - prediction["probability"]) <= 5e-5  # :.4f
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_documented_curl_gets_the_same_top5(triton_server, triton, tmp_path):
+    """The curl snippet of docs/triton.md (KServe v2 HTTP, binary data) as a user runs it."""
+    photo = jpeg(320, 240, seed=9)
+    (tmp_path / "photo.jpg").write_bytes(photo)
+    snippet = documented("classify-curl")
+    assert snippet.count("http://127.0.0.1:8000/") == 1
+    snippet = snippet.replace("http://127.0.0.1:8000/", f"http://{triton_server.http_url}/")
+    printed = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", snippet],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert printed.returncode == 0, printed.stderr
+    outputs = {output["name"]: output["data"] for output in json.loads(printed.stdout)["outputs"]}
+    expected = classify(triton, photo, parameters={"scales": "256,384,512", "top_k": 5})
+    assert outputs["indices"] == expected.as_numpy("indices")[0].tolist()
+    assert outputs["labels"] == [label.decode() for label in expected.as_numpy("labels")[0]]
+    np.testing.assert_allclose(
+        outputs["probabilities"], expected.as_numpy("probabilities")[0], rtol=0, atol=SAME
+    )

@@ -134,7 +134,7 @@ def exported(weights_path, calibration_dir, tmp_path_factory):
 
 
 def test_int8_is_written_next_to_fp32_with_int8_config(exported):
-    assert sorted(p.name for p in exported.iterdir()) == ["small", "vgg16-int8"]
+    assert sorted(p.name for p in exported.iterdir()) == ["classify", "small", "vgg16-int8"]
     text = (exported / "vgg16-int8" / "config.pbtxt").read_text()
     config = text_format.Parse(text, model_config_pb2.ModelConfig())
     assert config.name == "vgg16-int8"

@@ -15,7 +15,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,triton]'
+	$(PY) -m pip install --quiet -e '.[dev,triton,ray]'
 	touch $(STAMP)
 
 # Chromium for tests/test_browser.py (Debian's packages). make test installs them when missing

@@ -98,12 +98,27 @@ class Classification:
     timing_ms: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class Views:
+    """The uint8 batches of one image: ``dense[q]`` (1|2, 3, H, W) and ``multicrop[(q, crop)]``
+    (25|50, 3, crop, crop), with the image's (width, height) and the time they took."""
+
+    dense: dict[int, np.ndarray]
+    multicrop: dict[tuple[int, int], np.ndarray]
+    image_size: tuple[int, int]
+    preprocess_ms: float = 0.0
+
+
 class Classifier:
-    """The protocol over a backend and the models it serves."""
+    """The protocol over a backend and the models it serves.
+
+    ``backend`` may be None where only options are resolved and views prepared (the driver and
+    the CPU tasks of a distributed job); classifying needs one.
+    """
 
     def __init__(
         self,
-        backend: Backend,
+        backend: Backend | None,
         models: Mapping[str, ModelEntry],
         default_scales: Sequence[int] | None = None,
         max_rescaled_pixels: int = DEFAULT_MAX_RESCALED_PIXELS,
@@ -205,33 +220,43 @@ class Classifier:
 
     async def classify(self, image: Image.Image, options: ClassifyOptions) -> Classification:
         """Fused top-k for one RGB image."""
-        started = time.perf_counter()
         opts = self.resolve(options)
         self.check_image(image.size, opts.scales)
-        names, scales = opts.models, opts.scales
-        largest = max(scales)
-
         # One worker thread per request rescales its scales, off the event loop; requests run in
         # parallel. A thread per scale made RSS creep (+16% over 300 requests, bench/memory.py).
-        multiple = self.shape_multiple
+        views = await asyncio.to_thread(self.prepare, image, opts)
+        return await self.classify_views(views, opts)
+
+    def prepare(self, image: Image.Image, options: ClassifyOptions) -> Views:
+        """The uint8 batches ``options`` (resolved) run for ``image``: CPU work, no backend.
+
+        A distributed job calls this in CPU tasks and :meth:`classify_views` where the engine is.
+        """
+        started = time.perf_counter()
+        opts = options
+        largest = max(opts.scales)
         if opts.mode != "multicrop":
-            dense_scales = list(scales)
+            dense_scales = list(opts.scales)
         else:  # multi-crop alone needs the dense view only for a heatmap
             dense_scales = [largest] if opts.heatmap else []
         multi_keys = (
-            sorted({(q, self.models[n].min_size) for n in names for q in opts.model_scales[n]})
+            sorted(
+                {(q, self.models[n].min_size) for n in opts.models for q in opts.model_scales[n]}
+            )
             if opts.mode != "dense"
             else []
         )
+        dense = {q: dense_batch(image, q, opts.flip, self.shape_multiple) for q in dense_scales}
+        multi = {(q, c): multicrop_batch(image, q, c, opts.flip) for q, c in multi_keys}
+        return Views(dense, multi, image.size, (time.perf_counter() - started) * 1e3)
 
-        def prepare():
-            return [dense_batch(image, q, opts.flip, multiple) for q in dense_scales] + [
-                multicrop_batch(image, q, c, opts.flip) for q, c in multi_keys
-            ]
-
-        views = await asyncio.to_thread(prepare)
-        dense = dict(zip(dense_scales, views[: len(dense_scales)], strict=True))
-        multi = dict(zip(multi_keys, views[len(dense_scales) :], strict=True))
+    async def classify_views(self, views: Views, options: ClassifyOptions) -> Classification:
+        """Fused top-k from the batches :meth:`prepare` made with the same (resolved) options;
+        every (model, Q) batch is in flight at once."""
+        opts = options
+        names, scales = opts.models, opts.scales
+        largest = max(scales)
+        dense, multi = views.dense, views.multicrop
         prepared = time.perf_counter()
 
         jobs: list[tuple[str, str, int]] = []  # (model, kind, Q)
@@ -284,10 +309,10 @@ class Classifier:
             flip=opts.flip,
             models=names,
             mode=opts.mode,
-            image_size=image.size,
+            image_size=views.image_size,
             heatmap=heatmap,
             timing_ms={
-                "preprocess": (prepared - started) * 1e3,
+                "preprocess": views.preprocess_ms,
                 "inference": (inferred - prepared) * 1e3,
                 "fusion": (finished - inferred) * 1e3,
             },

@@ -28,8 +28,9 @@ SAME = 1e-6
 IMAGES = 24
 UNREADABLE = {"empty.png": "the file is empty", "cut.jpg": "truncated", "text.png": "not an image"}
 KEYS = {"path", "predictions", "per_model", "scales", "models"}
-# Small blocks, so a job writes many part files and a kill lands between them.
-SMALL_BATCHES = ["--cpus", "2", "--batch-size", "3", "--no-progress"]
+# Small blocks, so a job writes many part files and a kill lands between them; the small
+# models' own training-size scales keep each job to seconds.
+SMALL_BATCHES = ["--cpus", "2", "--batch-size", "3", "--no-progress", "--scales", "64,96,128"]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def grpc_batch_lines(triton_server, image_folder, tmp_path_factory) -> dict[str,
     out = tmp_path_factory.mktemp("grpc") / "results.jsonl"
     done = subprocess.run(
         [sys.executable, "-m", "clients.grpc_batch", str(image_folder)]
-        + ["--url", triton_server.grpc_url, "--out", str(out)],
+        + ["--url", triton_server.grpc_url, "--out", str(out), "--scales", "64,96,128"],
         cwd=REPOSITORY_ROOT,
         capture_output=True,
         text=True,

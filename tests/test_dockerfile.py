@@ -14,8 +14,8 @@ import tomllib
 from pathlib import Path
 
 from testkit import REPOSITORY_ROOT as ROOT
+from testkit.dockerfile import DOCKERFILE, instruction, stages
 
-DOCKERFILE = ROOT / "Dockerfile"
 # The Python of NVIDIA's tritonserver image (Ubuntu 22.04's), which runs the classify model's
 # code in Triton's stub. A new TRITON_VERSION needs its Python looked up and added here.
 TRITON_IMAGE_PYTHON = {"24.10": (3, 10)}
@@ -47,27 +47,6 @@ ADDED_IN_PYTHON_311 = {
 
 def hadolint() -> str:
     return str(Path(sys.executable).with_name("hadolint"))
-
-
-def stages() -> dict[str, list[str]]:
-    """Instructions (continuation lines joined) by stage name."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    found: dict[str, list[str]] = {}
-    current = None
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("FROM "):
-            current = line.split()[-1]
-            found[current] = [line]
-        elif current:
-            found[current].append(line)
-    return found
-
-
-def instruction(stage: list[str], name: str) -> list[str]:
-    return [line[len(name) + 1 :] for line in stage if line.startswith(name + " ")]
 
 
 def test_hadolint_passes():

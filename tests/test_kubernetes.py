@@ -13,7 +13,6 @@ and its claim are validated, the rest is checked for structure and against
 from __future__ import annotations
 
 import ast
-import json
 import re
 import shlex
 import subprocess
@@ -34,6 +33,7 @@ from server.main import create_app
 from server.metrics import Metrics
 from server.settings import Settings
 from testkit import REPOSITORY_ROOT as ROOT
+from testkit import dockerfile
 from testkit.ports import free_port
 from tritonlocal import prepare
 
@@ -42,7 +42,6 @@ MANIFESTS = ROOT / "deploy" / "kubernetes"
 MODEL_LOADER = ROOT / "deploy" / "model-loader.yaml"
 RAYJOB = ROOT / "deploy" / "ray" / "rayjob.yaml"
 RAY_BATCH = ROOT / "clients" / "ray_batch.py"
-DOCKERFILE = ROOT / "Dockerfile"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 RECOMMENDED_LABELS = (
     "app.kubernetes.io/name",
@@ -201,30 +200,9 @@ def policy_for(pod_labels: dict[str, str]) -> dict[str, Any]:
 # --- reading the Dockerfile ------------------------------------------------------------------
 
 
-def dockerfile_stages() -> dict[str, list[str]]:
-    """The Dockerfile's instructions (continuation lines joined) by stage name."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    stages: dict[str, list[str]] = {}
-    current = None
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("FROM "):
-            current = line.split()[-1]
-            stages[current] = []
-        elif current and line and not line.startswith("#"):
-            stages[current].append(line)
-    return stages
-
-
-def exec_form(stage: str, instruction: str) -> list[str]:
-    """A stage's ENTRYPOINT or CMD in exec (JSON) form, as a list."""
-    (line,) = [i for i in dockerfile_stages()[stage] if i.startswith(instruction + " ")]
-    return json.loads(line[len(instruction) + 1 :])
-
-
 def target_tags() -> dict[str, str]:
-    """``docker build --target T -t TAG .`` of the Dockerfile's header: {target: tag}."""
-    tags = dict(re.findall(r"docker build --target (\S+)\s+-t (\S+)", DOCKERFILE.read_text()))
+    """The Dockerfile header's {target: tag}, at least the two images deployed here."""
+    tags = dockerfile.target_tags()
     assert {"triton", "frontend"} <= set(tags), tags
     return tags
 
@@ -305,8 +283,8 @@ def test_triton_runs_the_dockerfiles_command_plus_what_a_pod_needs():
     the CMD's flags, serve the mounted repository and expose the image's ports."""
     container = the_container(triton()["spec"]["template"])
     assert "command" not in container  # the image's ENTRYPOINT runs
-    assert exec_form("triton", "ENTRYPOINT") == ["tritonserver"]
-    command = exec_form("triton", "CMD")
+    assert dockerfile.exec_form("triton", "ENTRYPOINT") == ["tritonserver"]
+    command = dockerfile.exec_form("triton", "CMD")
     args = container["args"]
     assert args[: len(command)] == command
     (repository,) = [a.partition("=")[2] for a in args if a.startswith("--model-repository=")]
@@ -315,7 +293,7 @@ def test_triton_runs_the_dockerfiles_command_plus_what_a_pod_needs():
     claim = volumes[mounts[repository]["name"]]["persistentVolumeClaim"]
     assert mounts[repository].get("readOnly") is True
     assert resource("PersistentVolumeClaim", claim["claimName"])
-    (expose,) = [i for i in dockerfile_stages()["triton"] if i.startswith("EXPOSE ")]
+    (expose,) = [i for i in dockerfile.stages()["triton"] if i.startswith("EXPOSE ")]
     exposed = sorted(int(port) for port in expose.split()[1:])
     assert sorted(p["containerPort"] for p in container["ports"]) == exposed
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -402,7 +380,7 @@ def frontend_settings() -> Settings:
 def test_frontend_runs_python_m_server_with_flags_it_accepts():
     container = the_container(frontend()["spec"]["template"])
     assert "command" not in container  # the image's ENTRYPOINT runs
-    assert exec_form("frontend", "ENTRYPOINT") == ["python", "-m", "server"]
+    assert dockerfile.exec_form("frontend", "ENTRYPOINT") == ["python", "-m", "server"]
     settings = frontend_settings()
     assert settings.backend == "triton"
     assert settings.host == "0.0.0.0"  # reachable from outside the pod
@@ -458,7 +436,7 @@ def test_termination_grace_covers_prestop_and_the_servers_grace_period():
 
 def test_frontend_runs_unprivileged_on_a_read_only_root_with_a_writable_tmp():
     """The Dockerfile's user; uploads over 1 MB spool to /tmp, the only writable path."""
-    (user,) = [i.split()[1] for i in dockerfile_stages()["frontend"] if i.startswith("USER ")]
+    (user,) = [i.split()[1] for i in dockerfile.stages()["frontend"] if i.startswith("USER ")]
     template = frontend()["spec"]["template"]
     container = the_container(template)
     assert template["spec"]["securityContext"]["runAsUser"] == int(user)

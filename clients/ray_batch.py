@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -64,17 +65,28 @@ def list_inputs(inputs: Iterable[str], list_file: Path | None = None) -> list[st
             raise UsageError(f"cannot read --list {list_file}: {exc.strerror or exc}") from exc
         names += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     names = [name.removeprefix("file://") for name in names]
-    schemes = {name.split("://", 1)[0] if is_uri(name) else "local files" for name in names}
-    if len(schemes) > 1:
+    filesystems = {uri_prefix(name) if is_uri(name) else "local files" for name in names}
+    if len(filesystems) > 1:
         raise UsageError(
-            f"the inputs are on several filesystems ({', '.join(sorted(schemes))}); run one job "
-            "per filesystem"
+            f"the inputs are on several filesystems ({', '.join(sorted(filesystems))}); run one "
+            "job per filesystem"
         )
     local = [name for name in names if not is_uri(name)]
     found = set(discover(local))
     for uri in (name for name in names if is_uri(name)):
         found.update(_walk_uri(uri))
     return sorted(found)
+
+
+# Filesystems whose paths start at the root, without the URI's host (the name node).
+ROOTED_SCHEMES = ("hdfs", "viewfs")
+
+
+def uri_prefix(uri: str) -> str:
+    """What a URI's filesystem leaves out of its paths, read from the URI alone: ``s3://``
+    (paths start with the bucket), ``hdfs://namenode:8020`` (paths start at the root)."""
+    parts = urlsplit(uri)
+    return f"{parts.scheme}://{parts.netloc if parts.scheme in ROOTED_SCHEMES else ''}"
 
 
 def _walk_uri(uri: str) -> list[str]:
@@ -85,14 +97,14 @@ def _walk_uri(uri: str) -> list[str]:
         info = filesystem.get_file_info(root)
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot open {uri}: {exc}") from exc
-    scheme = uri.split("://", 1)[0]
     if info.type == fs.FileType.File:
         return [uri]
     if info.type != fs.FileType.Directory:
         raise UsageError(f"{uri} does not exist")
+    prefix = uri_prefix(uri)
     selector = fs.FileSelector(root, recursive=True)
     return [
-        f"{scheme}://{entry.path}"
+        f"{prefix}{entry.path}"
         for entry in filesystem.get_file_info(selector)
         if entry.type == fs.FileType.File and Path(entry.path).suffix.lower() in IMAGE_SUFFIXES
     ]
@@ -169,11 +181,11 @@ class Plan:
     threads: int | None = None
     device: str = "auto"
     retries: int = 6
-    scheme: str | None = None  # the inputs' URI scheme: Ray's paths come without it
+    prefix: str = ""  # what the inputs' URIs have before Ray's paths (``s3://``)
 
     def record_path(self, path: object) -> str:
         """An input's name in the output lines, as it was given (``s3://bucket/key``)."""
-        return f"{self.scheme}://{path}" if self.scheme else str(path)
+        return f"{self.prefix}{path}"
 
 
 def prepare_views(batch: dict[str, np.ndarray], plan: Plan) -> dict[str, np.ndarray]:
@@ -292,38 +304,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m clients.ray_batch",
         description="Dense multi-scale classification of many files on Ray Data: JSON Lines "
         "part files, one line per file, resumable.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "inputs", nargs="*", help="image files, folders (walked), or URIs (s3://, gs://, ...)"
     )
     parser.add_argument("--list", type=Path, dest="list_file", help="file of paths or URIs")
     parser.add_argument("--out", required=True, help="folder (or URI) for the part files")
-    parser.add_argument("--engine", choices=ENGINES, default="onnxruntime")
-    parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC host:port (triton)")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="onnxruntime",
+        help="onnxruntime or torch in the actors, or triton: the files to Triton's classify "
+        "(default: onnxruntime)",
+    )
+    parser.add_argument(
+        "--url", default="127.0.0.1:8001", help="Triton's gRPC host:port (default: %(default)s)"
+    )
     parser.add_argument(
         "--repository",
         type=Path,
         default=Path("model_repository"),
-        help="model repository (in-process engines; triton reads the models from Triton)",
+        help="model repository of the in-process engines, a path every node sees (default: "
+        "%(default)s; triton reads the models from Triton)",
     )
     parser.add_argument("--models", help="comma-separated models to fuse (default: all)")
     parser.add_argument(
         "--scales", help="comma-separated scales Q (default: each model's serving scales)"
     )
     parser.add_argument(
-        "--flip", action=argparse.BooleanOptionalAction, default=True, help="also the flips"
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the horizontal flips (default: on)",
     )
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--actors", type=int, default=1, help="engine actors (one model load each)")
-    parser.add_argument("--gpus-per-actor", type=float, default=0, help="GPUs each actor holds")
-    parser.add_argument("--batch-size", type=int, default=16, help="files per task and actor call")
-    parser.add_argument("--threads", type=int, help="ONNX Runtime threads per actor")
-    parser.add_argument("--device", default="auto", help="torch engine: auto, cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--top-k", type=int, default=5, help="classes per answer (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--actors", type=int, default=1, help="engine actors, one model load each (default: 1)"
+    )
+    parser.add_argument(
+        "--gpus-per-actor", type=float, default=0, help="GPUs each actor holds (default: 0)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="files per task and actor call (default: 16)"
+    )
+    parser.add_argument(
+        "--threads", type=int, help="ONNX Runtime threads per actor (default: the actor's cores)"
+    )
+    parser.add_argument(
+        "--device", default="auto", help="torch engine: auto, cpu, cuda or cuda:N (default: auto)"
+    )
     parser.add_argument(
         "--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)"
     )
-    parser.add_argument("--cpus", type=int, help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--cpus", type=int, help="CPUs of a local Ray (default: all)")
     parser.add_argument("--resume", action="store_true", help="skip files already written")
     parser.add_argument("--overwrite", action="store_true", help="empty --out first")
     parser.add_argument(
@@ -347,12 +382,13 @@ def plan_job(args: argparse.Namespace, paths: Sequence[str]) -> Plan:
     if args.engine == "triton":
         models = asyncio.run(_triton_models(args.url, names))
     else:
-        models = read_repository(args.repository, names)
+        # Absolute: the actors open the graphs from their own working directories.
+        models = read_repository(args.repository.resolve(), names)
     options = Classifier(None, models).resolve(
         ClassifyOptions(scales=scales, flip=args.flip, top_k=args.top_k)
     )
-    scheme = paths[0].split("://", 1)[0] if paths and is_uri(paths[0]) else None
-    return Plan(models, options, args.engine, args.url, args.threads, args.device, scheme=scheme)
+    prefix = uri_prefix(paths[0]) if paths and is_uri(paths[0]) else ""
+    return Plan(models, options, args.engine, args.url, args.threads, args.device, prefix=prefix)
 
 
 async def _triton_models(url: str, names: list[str] | None) -> dict[str, ModelEntry]:
@@ -376,6 +412,7 @@ def run_job(args: argparse.Namespace, plan: Plan, todo: list[str], output: Outpu
             include_dashboard=False,
             logging_level="WARNING",
         )
+    print(f"Ray ready: {ray.cluster_resources().get('CPU', 0):g} CPUs", file=sys.stderr, flush=True)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = (
         sys.stderr.isatty() if args.progress is None else bool(args.progress)

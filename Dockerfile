@@ -62,6 +62,7 @@ RUN pip install --no-cache-dir --no-deps /wheels/*.whl \
         "onnxruntime>=1.20,<2" \
         "protobuf>=4.25,<7" \
         "fastapi>=0.115,<1" \
+        "fastapi-offline>=1.7,<2" \
         "uvicorn[standard]>=0.30,<1" \
         "python-multipart>=0.0.18" \
         "pydantic>=2.7,<3" \

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        access_log=False,  # server.request_id logs each request, with its id and duration
         timeout_graceful_shutdown=settings.grace_period,
         http="h11",
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from inference import ImageError, OptionError
 from inference.backends.base import BackendUnavailable
 from server.admission import Overloaded
+from server.request_id import request_id
 
 log = logging.getLogger("server")
 
@@ -154,14 +155,20 @@ class UnexpectedErrorMiddleware:
         try:
             await self.app(scope, receive, tracking_send)
         except Exception as exc:
-            log.exception("unexpected error on %s %s", scope["method"], scope["path"])
+            identifier = request_id(scope)
+            log.exception(
+                "unexpected error on %s %s (request_id=%s)",
+                scope["method"],
+                scope["path"],
+                identifier,
+            )
             if started:
                 raise  # the response is half sent: only dropping the connection is left
             body = json.dumps(
                 {
                     "detail": f"internal server error ({type(exc).__name__}): this is a bug in "
                     "vggserve, not a problem with your request; it has been logged with its "
-                    "details. Please report it."
+                    f"details under request id {identifier}. Please report it with that id."
                 }
             ).encode()
             await send(

@@ -12,10 +12,12 @@ from PIL import Image
 
 from inference import Classifier, read_repository
 from server.admission import Admission
+from server.api_docs import install_api_docs
 from server.dependencies import ServerState
 from server.engine import EngineHandle, engine_opener, remote_classifier
 from server.errors import UnexpectedErrorMiddleware, install_error_handlers
 from server.metrics import Metrics, RequestMetricsMiddleware
+from server.request_id import RequestIdMiddleware
 from server.routers import classify, health, models, page
 from server.routers.page import STATIC_DIR
 from server.settings import Settings
@@ -86,17 +88,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         version="0.1.0",
         lifespan=lifespan,
+        # FastAPI's pages load Swagger UI and ReDoc from a CDN; install_api_docs serves them.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.server = state
     install_error_handlers(app)
-    # Added innermost first: metrics see every response, the 500 guard sees every exception,
-    # and the upload limit runs before any body is read.
+    # Added innermost first: every response gets its request id and log line, metrics see every
+    # response, the 500 guard sees every exception, and the upload limit runs before any body is
+    # read.
     app.add_middleware(UploadLimitMiddleware, limit_bytes=settings.max_upload_bytes)
     app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(RequestIdMiddleware)
     app.include_router(classify.router)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(page.router)
+    install_api_docs(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

@@ -1,7 +1,9 @@
 """The web page in a real headless Chromium: upload through ``<input type=file>``, read the page.
 
 The page must show exactly what the API answers for the same file, draw the score map over the
-image, and show a readable error for a file that is not an image.
+image, and show a readable error for a file that is not an image. The API docs pages (Swagger UI
+and ReDoc) must render their operations. The browser can reach nothing but this machine (every
+other host name fails to resolve), as on a machine without internet access.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
     "--window-size=1280,1000",
+    # Offline: only the loopback address resolves, and no proxy could reach out instead.
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    "--no-proxy-server",
 ]
 
 
@@ -53,6 +58,7 @@ def browser():
     options.binary_location = CHROMIUM
     for arg in CHROMIUM_ARGS:
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console: CSP blocks
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
     driver.quit()
@@ -148,3 +154,57 @@ def test_page_shows_a_clear_error_for_a_bad_file(server, browser, tmp_path):
     assert error.is_displayed()
     assert "notes.txt: 415" in error.text and "not an image" in error.text
     assert not browser.find_element(By.ID, "result").is_displayed()
+
+
+def loaded_urls(browser) -> list[str]:
+    """The page's own URL and every resource it has fetched (scripts, styles, images, XHR)."""
+    return browser.execute_script(
+        "return [location.href].concat("
+        "performance.getEntriesByType('resource').map(entry => entry.name));"
+    )
+
+
+def test_api_docs_list_every_operation_offline(server, browser):
+    browser.get(server.url + "/")
+    browser.find_element(By.LINK_TEXT, "API docs").click()
+    WebDriverWait(browser, 30).until(
+        lambda b: len(b.find_elements(By.CSS_SELECTOR, ".opblock-summary")) >= 5
+    )
+    assert browser.current_url == server.url + "/docs"
+    operations = {
+        (
+            block.find_element(By.CLASS_NAME, "opblock-summary-method").text,
+            block.find_element(By.CLASS_NAME, "opblock-summary-path").get_attribute("data-path"),
+        )
+        for block in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary")
+    }
+    assert {
+        ("POST", "/v1/classify"),
+        ("POST", "/v1/classify/batch"),
+        ("GET", "/v1/models"),
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+    } <= operations, operations
+    urls = loaded_urls(browser)
+    assert server.url + "/openapi.json" in urls  # the schema was fetched, so entries are recorded
+    assert all(url.startswith(server.url + "/") for url in urls), urls
+
+
+def test_redoc_lists_every_operation_offline(server, browser):
+    browser.get(server.url + "/redoc")
+    WebDriverWait(browser, 30).until(
+        lambda b: b.find_elements(By.CSS_SELECTOR, "[data-section-id^='operation/']")
+    )
+    sections = browser.find_elements(By.CSS_SELECTOR, "[data-section-id^='operation/']")
+    text = " ".join(section.get_attribute("textContent") for section in sections)
+    for path in ("/v1/classify", "/v1/classify/batch", "/v1/models", "/healthz", "/readyz"):
+        assert path in text
+    urls = loaded_urls(browser)
+    assert server.url + "/openapi.json" in urls
+    # ReDoc's sidebar always asks for its vendor's logo from a CDN; the page's
+    # Content-Security-Policy must have stopped it in the browser, before any request was sent.
+    console = " ".join(entry["message"] for entry in browser.get_log("browser"))
+    for url in urls:
+        if not url.startswith(server.url + "/"):
+            assert f"'{url}' violates the following Content Security Policy" in console, url
+            assert "The action has been blocked" in console

@@ -268,6 +268,29 @@ def test_openapi_documents_the_api(client):
     assert {"200", "413", "415", "422", "429", "503"} <= set(classify_op["responses"])
 
 
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_load_only_this_servers_assets(client, page):
+    """The docs pages work without internet access: every script, style and icon they name is
+    a path on this server, served from the installed package, and their Content-Security-Policy
+    keeps the browser from loading anything elsewhere."""
+    response = client.get(page)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    # Any absolute or protocol-relative URL, in an attribute or in the inline script.
+    assert not re.search(r"(?:https?:)?//", response.text), response.text
+    assets = re.findall(r'\b(?:src|href|spec-url)="([^"]*)"|\burl: \'([^\']*)\'', response.text)
+    paths = {path for pair in assets for path in pair if path}
+    assert "/openapi.json" in paths and len(paths) >= 3, paths
+    for path in paths:
+        assert path.startswith("/"), path
+        asset = client.get(path)
+        assert asset.status_code == 200 and len(asset.content) > 1000, path
+    # One directive whose sources are this origin and in-page content only: no host, no scheme
+    # that reaches the network.
+    policy = response.headers["content-security-policy"].split()
+    assert policy[0] == "default-src" and "'self'" in policy
+    assert set(policy[1:]) <= {"'self'", "'unsafe-inline'", "'unsafe-eval'", "data:", "blob:"}
+
+
 def test_web_page_is_served_self_contained(client):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")

@@ -8,6 +8,7 @@ a real ``python -m server`` with the same limits.
 
 from __future__ import annotations
 
+import re
 import select
 import socket
 import threading
@@ -88,9 +89,11 @@ def post(
 
 
 def assert_error(response: httpx.Response, status: int, *needles: str) -> str:
-    """The status, a JSON ``{"detail": str}`` body, and every needle in the message."""
+    """The status, a JSON ``{"detail": str}`` body, every needle in the message, and a request
+    id (a fresh uuid4 in hex: these requests send none) to match the error to its log line."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
+    assert re.fullmatch(r"[0-9a-f]{32}", response.headers["x-request-id"]), response.headers
     body = response.json()
     assert list(body) == ["detail"] and isinstance(body["detail"], str)
     for needle in needles:
@@ -397,10 +400,14 @@ def test_unexpected_failure_is_a_logged_json_500(tmp_path, caplog):
     # raise_server_exceptions: an exception that escaped the app would fail this test here.
     with TestClient(create_app(settings), raise_server_exceptions=True) as client:
         response = post(client, jpeg(96, 96))
-        assert_error(response, 500, "internal server error", "bug in vggserve", "logged")
+        request_id = response.headers["x-request-id"]
+        assert_error(
+            response, 500, "internal server error", "bug in vggserve", "logged", request_id
+        )
         assert client.get("/healthz").status_code == 200
         assert post(client, b"").status_code == 400  # and still answers the rest correctly
         metrics = client.get("/metrics").text
         assert 'endpoint="/v1/classify",method="POST",status="500"} 1.0' in metrics
-    assert "unexpected error on POST /v1/classify" in caplog.text
+    # The user's report quotes the id; the traceback is found under it.
+    assert f"unexpected error on POST /v1/classify (request_id={request_id})" in caplog.text
     assert caplog.text.count("Traceback") == 1  # logged once, and it never left the app

@@ -368,3 +368,25 @@ def test_server_on_openvino_answers_like_onnxruntime(two_model_repository, caplo
     # The heatmap is a mean of score maps: bounded on the maps' own scale.
     largest = largest_score(graphs, views[-1:])
     assert np.abs(heat - heat_ort).max() < score_bound(torch_models.values()) * largest
+
+
+def test_triton_openvino_config_describes_what_openvino_reads(entries):
+    # Triton's openvino backend checks the config's inputs and outputs against the model it
+    # reads: the exported model.onnx as OpenVINO sees it must match them (batch dimension first).
+    from tritonclient.grpc import model_config_pb2
+
+    from export.repository import ModelInfo, model_config
+
+    entry = entries["m16"]
+    info = ModelInfo("m16", len(entry.labels), entry.mean, entry.std, entry.min_size, "vgg16")
+    config = model_config(info, backend="openvino")
+    graph = read_graph(ov.Core(), entry.onnx_path)
+    types = {"TYPE_UINT8": ov.Type.u8, "TYPE_FP32": ov.Type.f32}
+    declared = {port.name: port for port in (*config.input, *config.output)}
+    for port in (*graph.inputs, *graph.outputs):
+        (name,) = port.get_names()
+        shape = [-1 if dim.is_dynamic else dim.get_length() for dim in port.get_partial_shape()]
+        expected = declared.pop(name)
+        assert types[model_config_pb2.DataType.Name(expected.data_type)] == port.get_element_type()
+        assert [-1, *expected.dims] == shape
+    assert not declared

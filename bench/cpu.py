@@ -1,4 +1,4 @@
-"""VGG-16 and VGG-19 on this CPU: ONNX Runtime fp32 vs int8 vs PyTorch eager, one run.
+"""VGG-16 and VGG-19 on this CPU: ONNX Runtime, OpenVINO (fp32, bf16, int8) and PyTorch, one run.
 
     bench/cpu.sh                                   # Q = 256,384,512 with flips, 3 images per model
     bench/cpu.sh --scales 256 --images 4           # quicker
@@ -8,10 +8,13 @@ Full-size networks with seeded random weights (no ImageNet weights are needed or
 exported into a temporary repository: fp32 with ``export/to_onnx.py``, int8 with
 ``export.quantize`` (calibrated on generated 640x480 images at the same scales; random weights
 give near-uniform posteriors, so the export's int8-vs-fp32 agreement check is not applied here:
-accuracy is measured on trained models by ``python -m bench.int8_accuracy``). Each image is evaluated
-densely per the paper (every Q, the image and its flip as one batch of 2) by the three engines
-in turn, image after image, so load from other jobs falls on all three alike. Printed: the
-median seconds per image of each engine, images/s, GFLOP/s (fp32-equivalent) and the ratios.
+accuracy is measured on trained models by ``python -m bench.int8_accuracy``). OpenVINO (where
+it is installed) runs the same two files as ``--backend openvino`` does: fp32, bf16 where the
+CPU computes bf16 natively (what ``--openvino-precision auto`` picks there), and the int8 file
+at the default precision. Each image is evaluated densely per the paper (every Q, the image and
+its flip as one batch of 2) by every engine in turn, image after image, so load from other jobs
+falls on all alike. Printed: the median seconds per image of each engine, images/s, GFLOP/s
+(fp32-equivalent) and the ratios.
 """
 
 from __future__ import annotations
@@ -38,10 +41,52 @@ from vgg.convert import to_fully_conv
 from vgg.models import build
 
 ENGINES = ("PyTorch eager fp32", "ONNX Runtime fp32", "ONNX Runtime int8")
+OPENVINO_FP32, OPENVINO_BF16, OPENVINO_INT8 = "OpenVINO fp32", "OpenVINO bf16", "OpenVINO int8"
 
 
-def prepare(workdir: Path, arch: str, calibration: list[Path], scales: tuple[int, ...]) -> dict:
-    """Export ``arch`` (random weights) in fp32 and int8; returns the engines' runners."""
+def openvino_engines() -> tuple[str, ...]:
+    """The OpenVINO rows this machine can run: none without OpenVINO, no bf16 without native
+    bf16 (the reason is printed)."""
+    try:
+        from inference.backends.openvino import native_bf16
+    except ImportError as exc:
+        print(f"OpenVINO rows left out: {exc} (pip install 'openvino>=2026.4,<2027')")
+        return ()
+    if native_bf16():
+        return (OPENVINO_FP32, OPENVINO_BF16, OPENVINO_INT8)
+    print("OpenVINO bf16 row left out: this CPU has no native bf16 (OpenVINO's capabilities)")
+    return (OPENVINO_FP32, OPENVINO_INT8)
+
+
+def openvino_runners(entries: dict, engines: tuple[str, ...]) -> dict:
+    """OpenVINO's runners (``--backend openvino`` with every core) for ``engines``."""
+    from inference.backends.openvino import OpenVinoBackend
+
+    fp32, int8 = entries.values()
+    chosen = {
+        OPENVINO_FP32: (fp32, "fp32"),
+        OPENVINO_BF16: (fp32, "bf16"),
+        OPENVINO_INT8: (int8, "auto"),
+    }
+    runners = {}
+    for engine in engines:
+        entry, precision = chosen[engine]
+        backend = OpenVinoBackend({"model": entry}, precision=precision)
+        runners[engine] = lambda batch, backend=backend: backend.run("model", batch, ("probs",))[
+            "probs"
+        ]
+    return runners
+
+
+def prepare(
+    workdir: Path,
+    arch: str,
+    calibration: list[Path],
+    scales: tuple[int, ...],
+    openvino: tuple[str, ...] = (),
+) -> dict:
+    """Export ``arch`` (random weights) in fp32 and int8; returns the engines' runners
+    (``openvino``: the OpenVINO rows to add)."""
     started = time.perf_counter()
     repo = export_random_model(workdir / "repo", arch, arch, seed=0)
     fp32_entry = read_repository(repo, [arch])[arch]
@@ -88,6 +133,7 @@ def prepare(workdir: Path, arch: str, calibration: list[Path], scales: tuple[int
         ENGINES[0]: eager,
         ENGINES[1]: onnxruntime("fp32"),
         ENGINES[2]: onnxruntime("int8"),
+        **openvino_runners(entries, openvino),
     }
 
 
@@ -124,6 +170,7 @@ def main() -> None:
     scales = parse_scales(args.scales)
     models = args.models.split(",")
     print(f"{machine()}; load average {load_average()} at the start", flush=True)
+    engines = ENGINES + openvino_engines()
     images = [decode_image(jpeg(640, 480, seed=1 + i)) for i in range(args.images + 1)]
     with tempfile.TemporaryDirectory(prefix="vggserve-bench-cpu-") as temporary:
         work = args.workdir or Path(temporary)
@@ -134,25 +181,25 @@ def main() -> None:
         calibration = sorted(calibration_dir.glob("*.jpg"))
         rows = []
         for arch in models:
-            runners = prepare(work / arch, arch, calibration, scales)
+            runners = prepare(work / arch, arch, calibration, scales, engines[len(ENGINES) :])
             warm, *measured = images  # the first image: first-run costs of every shape
             batches = [dense_batch(warm, q) for q in scales]
             counted, remove_hooks = counting_conv_gflop(runners["graph"])
-            for engine in ENGINES:
+            for engine in engines:
                 for batch in batches:
                     runners[engine](batch)
             remove_hooks()
             gflop = sum(counted)  # 4:3 images of one size: the same work for every image
-            seconds = {engine: [] for engine in ENGINES}
+            seconds = {engine: [] for engine in engines}
             for image in measured:
                 batches = [dense_batch(image, q) for q in scales]
-                for engine in ENGINES:
+                for engine in engines:
                     started = time.perf_counter()
                     for batch in batches:
                         runners[engine](batch)
                     seconds[engine].append(time.perf_counter() - started)
                 print(
-                    f"{arch}: " + ", ".join(f"{e} {seconds[e][-1]:.2f} s" for e in ENGINES),
+                    f"{arch}: " + ", ".join(f"{e} {seconds[e][-1]:.2f} s" for e in engines),
                     flush=True,
                 )
             rows.append((arch, gflop, {e: float(np.median(s)) for e, s in seconds.items()}))
@@ -166,7 +213,7 @@ def main() -> None:
     print("| model | engine | median s/image | images/s | GFLOP/s | x PyTorch eager | x ORT fp32 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for arch, gflop, median in rows:
-        for engine in ENGINES:
+        for engine in engines:
             s = median[engine]
             print(
                 f"| {arch} | {engine} | {s:.2f} | {1 / s:.3f} | {gflop / s:.0f} | "
@@ -176,6 +223,15 @@ def main() -> None:
         f"\n(GFLOP per image: {', '.join(f'{a} {g:.0f}' for a, g, _ in rows)}; int8 counted "
         "as the same operations)"
     )
+    if OPENVINO_INT8 in engines:
+        # --openvino-precision auto: bf16 where the CPU has it (the bf16 row), else fp32.
+        default = OPENVINO_BF16 if OPENVINO_BF16 in engines else OPENVINO_FP32
+        for arch, _, median in rows:
+            print(
+                f"{arch}: OpenVINO at its default ({default}) {median[ENGINES[1]] / median[default]:.2f}x "
+                f"ONNX Runtime fp32; OpenVINO int8 {median[ENGINES[2]] / median[OPENVINO_INT8]:.2f}x "
+                "ONNX Runtime int8"
+            )
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 The config is built as Triton's own ``ModelConfig`` protobuf and printed with ``text_format``, so
 what we write is exactly what Triton parses. :func:`model_config` is the one source of truth for
-both the native ``onnxruntime_onnx`` config (NVIDIA's containers) and the Python-backend twin
-used with the CPU ``tritonserver`` here.
+the native ``onnxruntime_onnx`` config (NVIDIA's containers), the same model.onnx for Triton's
+``openvino`` backend (CPU hosts), and the Python-backend twin used with the CPU ``tritonserver``
+here.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ DEFAULT_MAX_BATCH_SIZE = 64
 # Views of one (model, scale) arrive as a batch of 2; a short wait lets concurrent requests of
 # the same shape share a batch without adding noticeable latency.
 DEFAULT_QUEUE_DELAY_US = 2000
+# Triton backends model_config writes for the same model.onnx.
+TRITON_BACKENDS = ("onnxruntime", "openvino", "python")
+# Triton's OpenVINO backend reads model.xml (OpenVINO IR) unless told the file's name; it reads
+# ONNX itself, so the exported file serves as it is.
+OPENVINO_MODEL_FILENAME = "model.onnx"
 # classify: files per request (a client sends shape [n, 1]) and Python stubs serving it. Each
 # stub decodes and rescales, then waits on the classifiers; two keep one decoding while the
 # other waits.
@@ -71,16 +77,24 @@ def model_config(
     """Triton's ``ModelConfig`` for one exported model.
 
     ``backend="onnxruntime"`` gives the native ``platform: "onnxruntime_onnx"`` config;
+    ``backend="openvino"`` Triton's OpenVINO backend on the CPU reading the same model.onnx (one
+    stream, latency hint; its float layers run in the CPU plugin's default precision, bf16 on
+    CPUs with native bf16: the backend has no switch to force fp32);
     ``backend="python"`` the twin whose ``model.py`` runs the same ONNX file with ONNX Runtime.
     """
     config = mc.ModelConfig(name=info.name, max_batch_size=max_batch_size)
     if backend == "onnxruntime":
         config.platform = "onnxruntime_onnx"
         config.backend = "onnxruntime"
+    elif backend == "openvino":
+        config.backend = "openvino"
+        config.default_model_filename = OPENVINO_MODEL_FILENAME
     elif backend == "python":
         config.backend = "python"
     else:
-        raise ValueError(f"unknown Triton backend {backend!r}; use 'onnxruntime' or 'python'")
+        raise ValueError(
+            f"unknown Triton backend {backend!r}; use one of {', '.join(TRITON_BACKENDS)}"
+        )
     config.input.add(name="image", data_type=mc.TYPE_UINT8, dims=[3, -1, -1])
     config.output.add(
         name="probs", data_type=mc.TYPE_FP32, dims=[info.num_classes], label_filename="labels.txt"
@@ -91,7 +105,7 @@ def model_config(
     # GPU instance its CUDA provider would run the QDQ graph node by node, slower than fp32.
     kind = (
         mc.ModelInstanceGroup.KIND_CPU
-        if info.precision == "int8"
+        if info.precision == "int8" or backend == "openvino"
         else mc.ModelInstanceGroup.KIND_AUTO
     )
     config.instance_group.add(count=instance_count, kind=kind)
@@ -109,6 +123,10 @@ def model_config(
         # exhaustive cuDNN search, and the default arena grows by powers of two.
         parameters["cudnn_conv_algo_search"] = "1"  # HEURISTIC
         parameters["arena_extend_strategy"] = "1"  # kSameAsRequested
+    elif backend == "openvino":
+        # One request at a time uses every core (as --backend openvino runs): latency, 1 stream.
+        parameters["PERFORMANCE_HINT"] = "LATENCY"
+        parameters["NUM_STREAMS"] = "1"
     for key, value in parameters.items():
         config.parameters[key].string_value = value
     return config

@@ -112,6 +112,8 @@ def engine_opener(
         return open_onnxruntime
     if settings.backend == "torch":
         return torch_opener(settings, models, on_batch)
+    if settings.backend == "openvino":
+        return openvino_opener(settings, models, on_batch)
     try:
         from inference.backends.triton import TritonBackend
     except ImportError as exc:
@@ -217,3 +219,42 @@ def torch_opener(
         return with_batching(backend, settings, backend.on_gpu, on_batch)
 
     return open_torch
+
+
+def openvino_opener(
+    settings: Settings,
+    models: Mapping[str, ModelEntry],
+    on_batch: Callable[[int], object] | None = None,
+) -> Opener:
+    """``--backend openvino``: the graphs are read and the precision resolved now, so a missing
+    OpenVINO, an unreadable graph or bf16 on a CPU without it stops the start with one line;
+    compiling (seconds for full-size VGG) happens when the app starts, before it answers."""
+    try:
+        from inference.backends.openvino import (
+            GraphNotLoadable,
+            OpenVinoBackend,
+            read_graphs,
+            resolve_precision,
+        )
+    except ImportError as exc:
+        raise StartupError(
+            f"--backend openvino needs OpenVINO Runtime ({exc}); install it with "
+            "pip install 'openvino>=2026.4,<2027'"
+        ) from exc
+    try:
+        precision = resolve_precision(settings.openvino_precision)
+    except ValueError as exc:
+        raise StartupError(f"--openvino-precision {exc}") from exc
+    try:
+        graphs = read_graphs(models)
+    except GraphNotLoadable as exc:
+        raise StartupError(f"--backend openvino cannot run {exc}") from exc
+
+    async def open_openvino() -> Backend:
+        backend = await asyncio.to_thread(
+            OpenVinoBackend, graphs, threads=settings.threads, precision=precision
+        )
+        log.info("%s", backend.describe())
+        return with_batching(backend, settings, backend.on_gpu, on_batch)
+
+    return open_openvino

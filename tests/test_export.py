@@ -130,6 +130,29 @@ def test_repository_layout_and_config_parses_with_triton_protobuf(small_export):
     assert labels == [f"class_{i}" for i in range(10)]
 
 
+def test_openvino_config_parses_with_triton_protobuf():
+    # Triton's openvino backend: the same model.onnx (it reads model.xml unless told), on the
+    # CPU, with the parameters that backend reads written in its spelling (it lower-cases them).
+    from export.repository import ModelInfo, config_text, model_config, parse_config
+
+    info = ModelInfo("small", 10, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 64, "vgg16")
+    config = parse_config(config_text(model_config(info, backend="openvino")))
+    assert (config.backend, config.platform) == ("openvino", "")
+    assert config.default_model_filename == "model.onnx"
+    assert [group.kind for group in config.instance_group] == [
+        model_config_pb2.ModelInstanceGroup.KIND_CPU
+    ]
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    assert parameters["PERFORMANCE_HINT"] == "LATENCY" and parameters["NUM_STREAMS"] == "1"
+    assert "cudnn_conv_algo_search" not in parameters  # ONNX Runtime's options stay out
+    assert parameters["min_size"] == "64" and parameters["precision"] == "fp32"
+    native = model_config(info)
+    for field in ("input", "output", "max_batch_size", "dynamic_batching"):
+        assert getattr(config, field) == getattr(native, field)
+    with pytest.raises(ValueError, match="use one of onnxruntime, openvino, python"):
+        model_config(info, backend="tensorrt")
+
+
 def test_graph_io_and_metadata(small_export, small_state_dict_path):
     model = onnx.load(str(small_export / "small" / "1" / "model.onnx"))
     (inp,) = model.graph.input

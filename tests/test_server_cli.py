@@ -163,7 +163,7 @@ def test_every_flag_reaches_its_setting():
         (
             ["--backend", "tensorrt"],
             "argument --backend: invalid choice: 'tensorrt' (choose from 'onnxruntime', "
-            "'triton', 'torch')",
+            "'triton', 'torch', 'openvino')",
         ),
         (
             ["--log-level", "verbose"],
@@ -194,7 +194,7 @@ def test_the_command_exits_2_on_a_bad_value():
         ({"port": 70000}, "port must be between 1 and 65535, got 70000"),
         (
             {"backend": "tensorrt"},
-            "backend must be one of onnxruntime, triton, torch, got 'tensorrt'",
+            "backend must be one of onnxruntime, triton, torch, openvino, got 'tensorrt'",
         ),
         ({"torch_dtype": "fp8"}, "torch_dtype must be one of auto, bf16, fp16, fp32, got 'fp8'"),
         ({"scales": ()}, "scales must be one or more positive integers (e.g. 256,384,512), got ()"),

@@ -39,7 +39,7 @@ from inference.images import IMAGE_SUFFIXES
 from inference.protocol import parse_scales
 from inference.repository import ModelEntry, RepositoryError, parse_model_names, read_repository
 
-ENGINES = ("onnxruntime", "torch", "triton")
+ENGINES = ("onnxruntime", "openvino", "torch", "triton")
 PART_SUFFIX = ".jsonl"
 TRITON_ACTOR_CPUS = 0.25
 EXIT_OK, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 2, 75  # as grpc_batch
@@ -180,6 +180,7 @@ class Plan:
     url: str | None = None
     threads: int | None = None
     device: str = "auto"
+    precision: str = "auto"  # openvino: auto, fp32 or bf16
     retries: int = 6
     prefix: str = ""  # what the inputs' URIs have before Ray's paths (``s3://``)
 
@@ -221,7 +222,7 @@ class _Actor:
 
 
 class EngineActor(_Actor):
-    """Holds the models once (ONNX Runtime or PyTorch) and classifies prepared views."""
+    """Holds the models once (ONNX Runtime, OpenVINO or PyTorch) and classifies prepared views."""
 
     def __init__(self, plan: Plan) -> None:
         super().__init__()
@@ -230,6 +231,10 @@ class EngineActor(_Actor):
             from inference.backends.torch import TorchBackend, load_modules
 
             backend = TorchBackend(load_modules(plan.models), device=plan.device)
+        elif plan.engine == "openvino":
+            from inference.backends.openvino import OpenVinoBackend
+
+            backend = OpenVinoBackend(plan.models, plan.threads, plan.precision)
         else:
             from inference.backends.onnxruntime import OnnxRuntimeBackend
 
@@ -314,8 +319,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--engine",
         choices=ENGINES,
         default="onnxruntime",
-        help="onnxruntime or torch in the actors, or triton: the files to Triton's classify "
-        "(default: onnxruntime)",
+        help="onnxruntime, openvino or torch in the actors, or triton: the files to Triton's "
+        "classify (default: onnxruntime)",
     )
     parser.add_argument(
         "--url", default="127.0.0.1:8001", help="Triton's gRPC host:port (default: %(default)s)"
@@ -356,6 +361,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--device", default="auto", help="torch engine: auto, cpu, cuda or cuda:N (default: auto)"
     )
     parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="openvino engine: auto is bf16 where the CPU computes it natively (default: auto)",
+    )
+    parser.add_argument(
         "--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)"
     )
     parser.add_argument("--cpus", type=int, help="CPUs of a local Ray (default: all)")
@@ -388,7 +399,16 @@ def plan_job(args: argparse.Namespace, paths: Sequence[str]) -> Plan:
         ClassifyOptions(scales=scales, flip=args.flip, top_k=args.top_k)
     )
     prefix = uri_prefix(paths[0]) if paths and is_uri(paths[0]) else ""
-    return Plan(models, options, args.engine, args.url, args.threads, args.device, prefix=prefix)
+    return Plan(
+        models,
+        options,
+        args.engine,
+        args.url,
+        args.threads,
+        args.device,
+        precision=args.precision,
+        prefix=prefix,
+    )
 
 
 async def _triton_models(url: str, names: list[str] | None) -> dict[str, ModelEntry]:

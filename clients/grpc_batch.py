@@ -57,13 +57,9 @@ class UsageError(ValueError):
 # --- the input list --------------------------------------------------------------------------
 
 
-def discover(inputs: Iterable[str], list_file: Path | None = None) -> list[str]:
-    """Every image path named on the command line, sorted, each once.
-
-    Folders are walked recursively for files with an image suffix; files named explicitly (or
-    in ``list_file``, one a line) are taken whatever their suffix, so a bad one is reported.
-    """
-    found: set[str] = set()
+def named_inputs(inputs: Iterable[str], list_file: Path | None = None) -> list[str]:
+    """The inputs named on the command line, then those of ``list_file`` (one a line; blank
+    lines and ``#`` comments skipped)."""
     names = list(inputs)
     if list_file is not None:
         try:
@@ -71,7 +67,17 @@ def discover(inputs: Iterable[str], list_file: Path | None = None) -> list[str]:
         except OSError as exc:
             raise UsageError(f"cannot read --list {list_file}: {exc.strerror or exc}") from exc
         names += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    for name in names:
+    return names
+
+
+def discover(inputs: Iterable[str], list_file: Path | None = None) -> list[str]:
+    """Every image path named on the command line, sorted, each once.
+
+    Folders are walked recursively for files with an image suffix; files named explicitly (or
+    in ``list_file``, one a line) are taken whatever their suffix, so a bad one is reported.
+    """
+    found: set[str] = set()
+    for name in named_inputs(inputs, list_file):
         path = Path(name)
         if path.is_dir():
             for root, _dirs, files in os.walk(path):

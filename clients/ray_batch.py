@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from clients.grpc_batch import UsageError, discover, result_record
+from clients.grpc_batch import UsageError, discover, named_inputs, result_record
 from inference import Classifier, ClassifyOptions, ImageError, OptionError, decode_image
 from inference.backends.base import BackendUnavailable
 from inference.images import IMAGE_SUFFIXES
@@ -57,14 +57,7 @@ def list_inputs(inputs: Iterable[str], list_file: Path | None = None) -> list[st
     """Every input file, sorted, each once: local names as ``grpc_batch.discover`` gives them
     (``file://`` URIs are local names), other URIs walked with pyarrow's filesystem for their
     scheme. One job reads from one filesystem: Ray reads its files with one."""
-    names = list(inputs)
-    if list_file is not None:
-        try:
-            lines = Path(list_file).read_text().splitlines()
-        except OSError as exc:
-            raise UsageError(f"cannot read --list {list_file}: {exc.strerror or exc}") from exc
-        names += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    names = [name.removeprefix("file://") for name in names]
+    names = [name.removeprefix("file://") for name in named_inputs(inputs, list_file)]
     filesystems = {uri_prefix(name) if is_uri(name) else "local files" for name in names}
     if len(filesystems) > 1:
         raise UsageError(

@@ -179,9 +179,7 @@ class ConnectionProtocol(H11Protocol):
             "--max-connections"
         )
         self._raw_transport.write(
-            json_response(
-                503, "Service Unavailable", detail, {"retry-after": str(RETRY_AFTER_S)}
-            )
+            json_response(503, "Service Unavailable", detail, {"retry-after": str(RETRY_AFTER_S)})
         )
         self._linger()
 
@@ -217,7 +215,7 @@ class ConnectionProtocol(H11Protocol):
 
     def _release_stalled(self, waiting: str) -> None:
         transport = self._raw_transport
-        client = "%s:%d" % self.client if self.client else "a client"
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
         started = self.conn.trailing_data[0] or self.conn.their_state is not h11.IDLE
         # An early answer (sent before the body was read) leaves nothing to say but the close.
         answered = waiting == "body" and self.cycle is not None and self.cycle.response_started

@@ -14,18 +14,22 @@ uvicorn's h11 protocol, with three changes (:func:`protocol_class`):
   server waits for its request head or body gets a JSON 408 and is closed; one that has sent
   nothing since it opened (or since its last answer, past uvicorn's keep-alive timeout) is
   closed without an answer. The request's task sees the client gone, so its upload (Starlette
-  spools files over 1 MB to a temporary file) and anything it holds are freed. Time the server
-  itself stops reading (its own back-pressure) does not count.
+  spools files over 1 MB to a temporary file) and anything it holds are freed. Time while the
+  server has paused reading (uvicorn's back-pressure on a body the app has not pulled) counts
+  too, with bytes piling up unread in the socket counted as bytes from the client.
 - **Connection limit.** Beyond ``max_connections`` open connections a new one is answered a
   JSON 503 with Retry-After, then closed with the same lingering close.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
+import fcntl
 import json
 import logging
 import resource
+import termios
 from typing import Any
 
 import h11
@@ -59,7 +63,7 @@ def json_response(status: int, reason: str, detail: str, extra: dict[str, str] |
 
 class _Transport:
     """The connection's transport as uvicorn sees it: ``close()`` starts a lingering close
-    where body bytes are still to come, and resuming reading restarts the client's clock."""
+    where body bytes are still to come."""
 
     def __init__(self, transport: asyncio.Transport, protocol: ConnectionProtocol) -> None:
         self._transport = transport
@@ -70,10 +74,6 @@ class _Transport:
 
     def is_closing(self) -> bool:
         return self._protocol.lingering or self._transport.is_closing()
-
-    def resume_reading(self) -> None:
-        self._protocol.last_byte_at = self._protocol.loop.time()
-        self._transport.resume_reading()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
@@ -93,6 +93,7 @@ class ConnectionProtocol(H11Protocol):
         self.last_byte_at = self.loop.time()
         self._raw_transport: asyncio.Transport | None = None
         self._lingered_bytes = 0
+        self._unread_seen = 0
         self._client_timer: asyncio.TimerHandle | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
 
@@ -111,6 +112,7 @@ class ConnectionProtocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         """Bytes from the client: parsed, or discarded while lingering."""
         self.last_byte_at = self.loop.time()
+        self._unread_seen = 0
         if self.lingering or self.refused:
             self._discard(data)
             return
@@ -187,9 +189,7 @@ class ConnectionProtocol(H11Protocol):
 
     def _waiting_for(self) -> str | None:
         """What the server waits for from the client now: ``"head"``, ``"body"``, or None
-        (the app is working, uvicorn's keep-alive timeout runs, or the server paused reading)."""
-        if self.flow.read_paused:
-            return None
+        (the app is working, or uvicorn's keep-alive timeout runs)."""
         if self.conn.their_state is h11.SEND_BODY:
             return "body"
         if (
@@ -200,11 +200,30 @@ class ConnectionProtocol(H11Protocol):
             return "head"
         return None
 
+    def _unread_bytes(self) -> int:
+        """Bytes from the client in the kernel's receive queue, not yet read by the server."""
+        sock = self._raw_transport.get_extra_info("socket") if self._raw_transport else None
+        if sock is None:
+            return 0
+        count = array.array("i", [0])
+        try:
+            fcntl.ioctl(sock.fileno(), termios.FIONREAD, count)
+        except OSError:  # closed meanwhile
+            return 0
+        return count[0]
+
     def _check_client(self) -> None:
         self._client_timer = None
         transport = self._raw_transport
         if self.lingering or transport is None or transport.is_closing():
             return
+        if self.flow.read_paused:
+            # Paused time counts (else a client stalling while the app is slow to pull its body
+            # would never be released); bytes piling up unread meanwhile are the client's.
+            unread = self._unread_bytes()
+            if unread != self._unread_seen:
+                self._unread_seen = unread
+                self.last_byte_at = self.loop.time()
         silent_s = self.loop.time() - self.last_byte_at
         waiting = self._waiting_for()
         if waiting is None or silent_s < self.client_timeout:
@@ -238,6 +257,9 @@ class ConnectionProtocol(H11Protocol):
                 "pausing, or ask the operator for a larger --client-timeout"
             )
             transport.write(json_response(408, "Request Timeout", detail))
+            if self._unread_bytes() > 0:
+                self._linger()  # closing on unread bytes would reset the 408 away
+                return
         transport.close()
 
 

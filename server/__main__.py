@@ -40,10 +40,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
+    from server.connections import protocol_class, raise_file_limit
+
+    raise_file_limit(settings.max_connections)
+
     # On SIGTERM uvicorn stops accepting at once and waits for in-flight requests; after the
     # grace period it cancels what is left and exits. h11, not httptools: httptools buffers
     # request headers without any limit (300 MB of one header took 300 MB of RSS), h11 answers
-    # 400 beyond MAX_HEADER_BYTES.
+    # 400 beyond MAX_HEADER_BYTES. Its protocol is extended with a lingering close after early
+    # answers, --client-timeout and --max-connections (server/connections.py).
     uvicorn.run(
         app,
         host=settings.host,
@@ -51,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level,
         access_log=False,  # server.request_id logs each request, with its id and duration
         timeout_graceful_shutdown=settings.grace_period,
-        http="h11",
+        http=protocol_class(settings.client_timeout, settings.max_connections),
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )
     return 0

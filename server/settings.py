@@ -200,6 +200,25 @@ class Settings:
     port: int = setting(
         8080, "TCP port to listen on", parse=int, check=between(1, 65535), metavar="PORT"
     )
+    client_timeout: float = setting(
+        30.0,
+        "seconds a client may send no byte while the server waits for its request head or body; "
+        "then a JSON 408 (no answer to a connection that sent nothing) and the connection is "
+        "closed, its upload freed. Idle keep-alive connections between requests are closed "
+        "after uvicorn's 5 s",
+        parse=float,
+        check=positive,
+        metavar="SECONDS",
+    )
+    max_connections: int = setting(
+        1000,
+        "most open client connections; a connection beyond them is answered a JSON 503 with "
+        "Retry-After and closed. The open-file limit is raised to fit, where the hard limit "
+        "allows",
+        parse=int,
+        check=positive,
+        metavar="N",
+    )
     # --- limits ---
     max_upload_mb: float = setting(
         20.0,

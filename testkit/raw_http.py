@@ -197,6 +197,18 @@ def server_has_read(sock: socket.socket) -> bool:
     return queues[(mine, theirs)][0] == 0 and queues[(theirs, mine)][1] == 0
 
 
+def all_read(sockets: list[socket.socket]) -> bool:
+    """:func:`server_has_read` for every socket of ``sockets``, from one look at the queues."""
+    queues = _tcp_queues()
+    for sock in sockets:
+        mine, theirs = sock.getsockname()[1], sock.getpeername()[1]
+        if (mine, theirs) not in queues or (theirs, mine) not in queues:
+            return False
+        if queues[(mine, theirs)][0] != 0 or queues[(theirs, mine)][1] != 0:
+            return False
+    return True
+
+
 def wait_until_read(sock: socket.socket, timeout: float = 60) -> None:
     """Wait until :func:`server_has_read`; ``timeout`` only bounds a hang (``TimeoutError``)."""
     deadline = time.monotonic() + timeout

@@ -110,7 +110,7 @@ def prepare(
     )
     del fp32_bytes, int8_bytes
     entries = read_repository(repo, [arch, f"{arch}-int8"])
-    options = session_options()  # the server's: every core, arena on, no memory patterns
+    options = session_options()  # the server's: every core, no arena
     sessions = {
         precision: ort.InferenceSession(
             str(entry.onnx_path), options, providers=["CPUExecutionProvider"]

@@ -8,12 +8,12 @@ the other, round after round, on full-size VGG-16 with random weights: the media
 batch of 2 views at 256x342 (Q = 256 of a 4:3 image with its flip), then resident memory after
 10 and after 60 batches of mixed shapes (Q = 256, longer side 256 to 600, seeded). Variants:
 
-- ``server``: what the server runs (``inference.backends.onnxruntime.session_options``) with the
-  server's fixed mmap threshold (``server.heap``);
+- ``server``: what the server runs (``inference.backends.onnxruntime.session_options``: arena
+  and memory patterns off) with the server's fixed mmap threshold (``server.heap``): every
+  activation is a fresh mapping, page-faulted on every run;
 - ``default``: a default ``ort.SessionOptions()`` (arena and memory patterns on);
-- ``no-arena``: arena and memory patterns off, with the fixed mmap threshold: every activation
-  is a fresh mapping, page-faulted on every run;
-- ``arena-shrink``: the arena on, shrunk at the end of every run (a run option).
+- ``arena``: the arena on, memory patterns off, with the fixed mmap threshold;
+- ``arena-shrink``: the same, the arena shrunk at the end of every run (a run option).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 from bench.report import load_average, machine
 from testkit import REPOSITORY_ROOT
 
-VARIANTS = ("server", "default", "no-arena", "arena-shrink")
+VARIANTS = ("server", "default", "arena", "arena-shrink")
 SHAPE = (2, 3, 256, 342)
 MIXED = 60
 
@@ -60,9 +60,8 @@ def measure(variant: str, graph: str, runs: int) -> dict:
     if variant == "default":
         options = ort.SessionOptions()
         options.intra_op_num_threads = session_options().intra_op_num_threads
-    elif variant == "no-arena":
-        options.enable_cpu_mem_arena = False
-        options.enable_mem_pattern = False
+    elif variant == "arena":
+        options.enable_cpu_mem_arena = True
     elif variant == "arena-shrink":
         options.enable_cpu_mem_arena = True
         run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")

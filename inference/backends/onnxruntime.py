@@ -17,19 +17,18 @@ from inference.repository import ModelEntry
 def session_options(threads: int | None = None) -> ort.SessionOptions:
     """Options for dynamic input shapes on a shared machine.
 
-    The CPU arena is on and memory patterns are off (``python -m bench.ort_allocation``, full
-    VGG-16): the arena keeps activation memory mapped from run to run, as a default session
-    does, so runs take a default session's time; without it every activation is a fresh,
-    page-faulted mapping (1.25x the time). Memory patterns plan one block per input shape and
-    add one for every new image size (RSS +9% over 50 sizes); the arena alone stays at the
-    largest run's size (+0.4%).
+    The CPU arena and memory patterns are off: with a new input shape per image size patterns
+    grow RSS request after request, and the arena holds the largest run's activations for good
+    (``bench/memory.py``, small VGG-16: 1087 MiB with it against 138 MiB without). Without it
+    every activation is a fresh, page-faulted mapping: about 1.25x a default session's time on
+    full VGG-16 (``python -m bench.ort_allocation``), the price of that memory.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or available_cores()
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.enable_cpu_mem_arena = True
+    options.enable_cpu_mem_arena = False
     options.enable_mem_pattern = False
     options.log_severity_level = 3
     return options

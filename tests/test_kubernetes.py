@@ -694,7 +694,6 @@ def ray_batch_flags(source: str) -> set[str]:
     return flags
 
 
-@pytest.mark.skipif(not RAY_BATCH.exists(), reason="clients/ray_batch.py is not written yet")
 def test_the_rayjob_uses_only_flags_of_ray_batch():
     flags = ray_batch_flags(RAY_BATCH.read_text())
     used = set(entrypoint_options())

@@ -15,26 +15,13 @@ from dataclasses import fields
 
 import numpy as np
 import onnxruntime as ort
+import openvino as ov  # a dependency: make venv installs it
 import pytest
 from fastapi.testclient import TestClient
 
 from export.quantize import quantize_int8
 from inference import decode_image, read_repository
-from inference.protocol import dense_batch
-from server.engine import StartupError
-from server.main import create_app
-from server.settings import Settings
-from testkit.images import jpeg
-from testkit.tolerances import largest_score, posterior_bound, score_bound
-
-ov = pytest.importorskip(
-    "openvino",
-    reason="OpenVINO Runtime is not installed (pip install 'openvino>=2026.4,<2027'): "
-    "--backend openvino cannot be tested",
-)
-
-# Imported once the module is known to run: the backend imports openvino itself.
-from inference.backends.openvino import (  # noqa: E402
+from inference.backends.openvino import (
     PRECISIONS,
     GraphNotLoadable,
     OpenVinoBackend,
@@ -42,6 +29,12 @@ from inference.backends.openvino import (  # noqa: E402
     read_graph,
     resolve_precision,
 )
+from inference.protocol import dense_batch
+from server.engine import StartupError
+from server.main import create_app
+from server.settings import Settings
+from testkit.images import jpeg
+from testkit.tolerances import largest_score, posterior_bound, score_bound
 
 # (N, 3, H, W): square at the crop, 3:4 and 4:3 with flips, an odd pair, a batch of 3.
 SHAPES = [(1, 3, 64, 64), (2, 3, 64, 85), (2, 3, 128, 96), (2, 3, 101, 77), (3, 3, 96, 128)]

@@ -22,8 +22,6 @@ import pytest
 from testkit import REPOSITORY_ROOT
 from testkit.images import jpeg, smooth_image, truncated
 
-pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install -e '.[ray]')")
-
 SAME = 1e-6
 IMAGES = 24
 UNREADABLE = {"empty.png": "the file is empty", "cut.jpg": "truncated", "text.png": "not an image"}
@@ -151,7 +149,6 @@ def test_triton_engine_sends_files_to_classify(
 def test_openvino_actors_give_the_same_results(
     two_model_repository, image_folder, uninterrupted, tmp_path
 ):
-    pytest.importorskip("openvino", reason="OpenVINO is not installed")
     repository, _ = two_model_repository
     out = tmp_path / "out"
     done = ray_batch(

@@ -18,21 +18,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,triton,ray]'
 	touch $(STAMP)
 
-# Chromium for tests/test_browser.py and curl for the documented curl requests (Debian's
-# packages). make test installs them when missing and it runs as root (or give APT_GET="sudo
-# apt-get"); otherwise it says what to install and those tests skip, saying why.
+# Chromium for tests/test_browser.py (Debian's packages). make test installs them when missing
+# and it runs as root (or give APT_GET="sudo apt-get"); otherwise it says what to install and the
+# browser tests skip, saying why.
 CHROMIUM ?= /usr/bin/chromium
 CHROMEDRIVER ?= /usr/bin/chromedriver
 APT_GET ?= $(if $(filter 0,$(shell id -u)),apt-get)
-INSTALL_BROWSER := apt-get update && apt-get install -y chromium chromium-driver curl
+INSTALL_BROWSER := apt-get update && apt-get install -y chromium chromium-driver
 
 browser:
-	@if [ -x "$(CHROMIUM)" ] && [ -x "$(CHROMEDRIVER)" ] && command -v curl >/dev/null; then :; \
+	@if [ -x "$(CHROMIUM)" ] && [ -x "$(CHROMEDRIVER)" ]; then :; \
 	elif [ -n "$(APT_GET)" ]; then \
 		echo "installing Chromium for the browser tests: $(INSTALL_BROWSER)"; \
 		export DEBIAN_FRONTEND=noninteractive; \
-		$(APT_GET) update -qq && $(APT_GET) install -y -qq chromium chromium-driver curl \
-		|| echo "could not install chromium, chromium-driver and curl: those tests will be skipped"; \
+		$(APT_GET) update -qq && $(APT_GET) install -y -qq chromium chromium-driver \
+		|| echo "could not install chromium and chromium-driver: the browser tests will be skipped"; \
 	else echo "Chromium ($(CHROMIUM), $(CHROMEDRIVER)) is missing: the browser tests will be skipped; to run them, install it as root: $(INSTALL_BROWSER)"; fi
 
 test: venv browser

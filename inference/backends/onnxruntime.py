@@ -1,8 +1,18 @@
-"""In-process ONNX Runtime: one session per model, shared by every request."""
+"""In-process ONNX Runtime: one session per model, shared by every request.
+
+Where a session runs is decided by the session itself: ``get_available_providers()`` lists the
+CUDA provider whenever the installed build has it, even when its CUDA libraries then fail to
+load, and the session quietly runs on the CPU. Each session's ``get_providers()[0]`` is checked
+after it is built; a GPU that was asked for and not obtained stops the backend with one line
+saying why, never a silent fallback.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import importlib.metadata
+import importlib.util
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,6 +22,20 @@ import onnxruntime as ort
 
 from inference.cores import available_cores
 from inference.repository import ModelEntry
+
+# "auto": CUDA when the installed ONNX Runtime offers it, else the CPU.
+DEVICES = ("auto", "cpu", "cuda")
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+# Both install the same ``onnxruntime`` module: with both, whichever was installed last runs.
+RUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+# On the GPU a run's CPU side is launching kernels and copying: more intra-op threads only
+# oversubscribe the cores, two workers each spinning every core's thread.
+GPU_INTRA_OP_THREADS = 1
+
+
+class EngineError(RuntimeError):
+    """ONNX Runtime cannot run where it was asked to; the message is one line: why, what to do."""
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -34,12 +58,114 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return options
 
 
-def providers() -> list:
-    """CUDA (HEURISTIC conv search, arena grown only as needed) when onnxruntime-gpu has it."""
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        cuda = {"cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested"}
-        return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+def installed_runtimes() -> dict[str, str]:
+    """The ONNX Runtime distributions installed here, name -> version."""
+    found = {}
+    for name in RUNTIME_DISTRIBUTIONS:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def check_single_runtime() -> None:
+    """Raise :class:`EngineError` when the CPU and GPU distributions are both installed."""
+    found = installed_runtimes()
+    if len(found) > 1:
+        installed = " and ".join(f"{name} {version}" for name, version in found.items())
+        # Uninstalling one deletes the module files the other shares: remove both, then reinstall.
+        raise EngineError(
+            f"{installed} are both installed and share the onnxruntime module, so whichever was "
+            "installed last runs; keep only the GPU build: pip uninstall -y onnxruntime "
+            f"onnxruntime-gpu && pip install onnxruntime-gpu=={found['onnxruntime-gpu']}"
+        )
+
+
+def runtime_description() -> str:
+    """The running ONNX Runtime build in words: version, package, the CUDA and cuDNN it was
+    built for (GPU builds record them), and torch's CUDA where torch is installed."""
+    try:
+        from onnxruntime.capi import build_and_package_info as build
+    except ImportError:
+        build = None
+    package = getattr(build, "package_name", "onnxruntime")
+    words = f"{package} {ort.__version__}"
+    cuda, cudnn = getattr(build, "cuda_version", None), getattr(build, "cudnn_version", None)
+    if cuda:
+        words += f" built for CUDA {cuda}" + (f" and cuDNN {cudnn}" if cudnn else "")
+    torch_cuda = _torch_cuda_version()
+    if torch_cuda:
+        words += f"; torch here uses CUDA {torch_cuda}"
+    return words
+
+
+def _torch_cuda_version() -> str | None:
+    if importlib.util.find_spec("torch") is None:
+        return None
+    try:
+        import torch
+
+        return torch.version.cuda
+    except Exception:  # a broken torch must not hide the error being reported
+        return None
+
+
+def cuda_library_problem() -> str | None:
+    """Why ONNX Runtime's CUDA provider library does not load here (the loader's message, e.g.
+    ``libcublasLt.so.12: cannot open shared object file``), or None when it loads."""
+    capi = Path(ort.__file__).parent / "capi"
+    try:
+        ctypes.CDLL(str(capi / "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(capi / "libonnxruntime_providers_cuda.so"))
+    except OSError as exc:
+        return str(exc)
+    return None
+
+
+def providers(device: str = "auto") -> list:
+    """The execution providers for ``device`` (one of :data:`DEVICES`): CUDA (HEURISTIC conv
+    search, arena grown only as needed) first when the GPU is asked for, else the CPU.
+
+    Raises:
+        ValueError: an unknown ``device``.
+        EngineError: ``"cuda"`` without a CUDA build, or the GPU with both builds installed.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device {device!r}: use one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return [CPU_PROVIDER]
+    listed = CUDA_PROVIDER in ort.get_available_providers()
+    if device == "auto" and not listed:
+        return [CPU_PROVIDER]
+    check_single_runtime()
+    if not listed:
+        raise EngineError(
+            f"device cuda: this ONNX Runtime has no {CUDA_PROVIDER} ({runtime_description()}); "
+            "install the GPU build in its place (pip uninstall -y onnxruntime && pip install "
+            f"onnxruntime-gpu=={ort.__version__}) or choose the CPU"
+        )
+    cuda = {"cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested"}
+    return [(CUDA_PROVIDER, cuda), CPU_PROVIDER]
+
+
+def check_on_cuda(session: ort.InferenceSession, model: str) -> None:
+    """Raise :class:`EngineError` unless ``session`` runs on the CUDA provider it was given."""
+    first = session.get_providers()[0]
+    if first == CUDA_PROVIDER:
+        return
+    library = cuda_library_problem()
+    why = (
+        f"its CUDA library does not load ({library})"
+        if library
+        else "its CUDA library loads, so the GPU, its driver or cuDNN refused (ONNX Runtime's "
+        "error above says which)"
+    )
+    raise EngineError(
+        f"model {model}: the GPU was asked for but the session runs on {first}: {why}; "
+        f"{runtime_description()}. Install the onnxruntime-gpu build for this machine's CUDA "
+        "(or that CUDA's libraries on LD_LIBRARY_PATH), or choose the CPU"
+    )
 
 
 class OnnxRuntimeBackend:
@@ -47,9 +173,16 @@ class OnnxRuntimeBackend:
 
     Args:
         models: the repository's models by name.
-        threads: intra-op threads per run (default: all cores).
+        threads: intra-op threads per run (default: all cores on the CPU, one on the GPU).
         concurrency: runs executing at once. On CPU one run already uses every core, so the
-            default 1 avoids oversubscription; requests queue in the front end, not here.
+            default 1 avoids oversubscription; requests queue in the front end, not here. On
+            the GPU the default 2 overlaps one run's copies with the other's kernels.
+        device: "auto" (CUDA when the installed ONNX Runtime offers it, else the CPU), "cpu" or
+            "cuda". Whenever the GPU is asked for, each session must run on it.
+
+    Raises:
+        EngineError: the GPU was asked for and a session does not run on it, or both ONNX
+            Runtime builds are installed (one line: why, and what to do).
     """
 
     name = "onnxruntime"
@@ -59,14 +192,24 @@ class OnnxRuntimeBackend:
         models: Mapping[str, ModelEntry],
         threads: int | None = None,
         concurrency: int | None = None,
+        device: str = "auto",
     ) -> None:
-        self._providers = providers()
-        options = session_options(threads)
-        sessions = {
-            name: ort.InferenceSession(str(entry.onnx_path), options, providers=self._for(entry))
-            for name, entry in models.items()
-        }
-        self._start(sessions, self._providers[0] != "CPUExecutionProvider", concurrency)
+        self._providers = providers(device)
+        self.threads: dict[str, int] = {}
+        sessions = {}
+        for name, entry in models.items():
+            chosen = self._for(entry)
+            on_cuda = chosen[0] != CPU_PROVIDER
+            if on_cuda:
+                options = session_options(threads or GPU_INTRA_OP_THREADS)
+            else:
+                options = session_options(threads)
+            self.threads[name] = options.intra_op_num_threads
+            sessions[name] = ort.InferenceSession(str(entry.onnx_path), options, providers=chosen)
+            if on_cuda:
+                check_on_cuda(sessions[name], name)
+        on_gpu = any(session.get_providers()[0] == CUDA_PROVIDER for session in sessions.values())
+        self._start(sessions, on_gpu, concurrency)
 
     @classmethod
     def from_graphs(
@@ -75,13 +218,12 @@ class OnnxRuntimeBackend:
         """Graphs that are not in a repository (ONNX bytes or files) on the CPU provider, e.g. an
         int8 graph checked against its fp32 source before either is written."""
         backend = cls.__new__(cls)
-        backend._providers = ["CPUExecutionProvider"]
+        backend._providers = [CPU_PROVIDER]
         options = session_options(threads)
+        backend.threads = dict.fromkeys(graphs, options.intra_op_num_threads)
         sessions = {
             name: ort.InferenceSession(
-                graph if isinstance(graph, bytes) else str(graph),
-                options,
-                providers=["CPUExecutionProvider"],
+                graph if isinstance(graph, bytes) else str(graph), options, providers=[CPU_PROVIDER]
             )
             for name, graph in graphs.items()
         }
@@ -93,12 +235,20 @@ class OnnxRuntimeBackend:
     ) -> None:
         self.sessions = sessions
         self.on_gpu = on_gpu
-        workers = concurrency or (2 if on_gpu else 1)
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ort")
+        self._workers = concurrency or (2 if on_gpu else 1)
+        self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="ort")
 
     def _for(self, entry: ModelEntry) -> list:
         # int8 QDQ graphs are for CPUs (VNNI kernels); on CUDA they would fall back op by op.
-        return ["CPUExecutionProvider"] if entry.precision == "int8" else self._providers
+        return [CPU_PROVIDER] if entry.precision == "int8" else self._providers
+
+    def describe(self) -> str:
+        """One line for the start-up log: where each model runs, with how many threads."""
+        where = ", ".join(
+            f"{name} on {session.get_providers()[0]} ({self.threads[name]} intra-op threads)"
+            for name, session in self.sessions.items()
+        )
+        return f"onnxruntime {ort.__version__}: {where}; {self._workers} concurrent runs"
 
     def run(
         self, model: str, images: np.ndarray, outputs: Sequence[str] = ("probs",)

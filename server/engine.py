@@ -102,11 +102,21 @@ def engine_opener(
 
     ``models`` are the repository's (None with ``--backend triton``: Triton's own)."""
     if settings.backend == "onnxruntime":
-        from inference.backends.onnxruntime import OnnxRuntimeBackend
+        from inference.backends.onnxruntime import EngineError, OnnxRuntimeBackend, providers
+
+        try:  # a CUDA that is not there, or two ONNX Runtime builds, stop the start now
+            providers(settings.onnxruntime_device)
+        except EngineError as exc:
+            raise StartupError(
+                f"--onnxruntime-device {settings.onnxruntime_device}: {exc}"
+            ) from exc
 
         async def open_onnxruntime() -> Backend:
             # Loading the graphs takes seconds for full-size VGG: keep the loop responsive.
-            backend = await asyncio.to_thread(OnnxRuntimeBackend, models, settings.threads)
+            backend = await asyncio.to_thread(
+                OnnxRuntimeBackend, models, settings.threads, device=settings.onnxruntime_device
+            )
+            log.info("%s", backend.describe())
             return with_batching(backend, settings, backend.on_gpu, on_batch)
 
         return open_onnxruntime

@@ -20,6 +20,8 @@ from inference.repository import parse_model_names
 BACKENDS = ("onnxruntime", "triton", "torch", "openvino")
 # inference.backends.openvino.PRECISIONS, named here so that --help needs no OpenVINO.
 OPENVINO_PRECISIONS = ("auto", "fp32", "bf16")
+# inference.backends.onnxruntime.DEVICES, named here so that --help needs no ONNX Runtime.
+ONNXRUNTIME_DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 # A check takes a value and says what is wrong with it ("must be positive, got 0"), or None.
@@ -157,7 +159,14 @@ class Settings:
         parse=int,
         check=positive,
         metavar="N",
-        default_text="every core",
+        default_text="every core (ONNX Runtime on the GPU: 1)",
+    )
+    onnxruntime_device: str = setting(
+        "auto",
+        "with --backend onnxruntime: auto (CUDA when the installed ONNX Runtime is the GPU build, "
+        "else the CPU), cpu or cuda; a model whose session does not run on the GPU asked for "
+        "(auto included) fails the backend with one line saying why, never a silent CPU fallback",
+        choices=ONNXRUNTIME_DEVICES,
     )
     torch_device: str = setting(
         "auto",

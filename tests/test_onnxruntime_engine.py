@@ -26,6 +26,7 @@ from inference.backends.onnxruntime import (
 )
 from inference.cores import available_cores
 from inference.repository import ModelEntry
+from server.settings import Settings
 
 REAL_VERSION = importlib.metadata.version
 # ONNX Runtime's own warning when a CUDA provider is passed to this CPU build: the fallback the
@@ -144,7 +145,8 @@ def test_cuda_device_without_a_cuda_build(tiny_graph):
         OnnxRuntimeBackend({"tiny": entry(tiny_graph)}, device="cuda")
     message = str(caught.value)
     assert message.startswith(
-        f"device cuda: this ONNX Runtime has no {CUDA_PROVIDER} (onnxruntime {ort.__version__}"
+        f"the GPU was asked for but this ONNX Runtime has no {CUDA_PROVIDER} "
+        f"(onnxruntime {ort.__version__}"
     )
     assert f"pip install onnxruntime-gpu=={ort.__version__}" in message
     with pytest.raises(ValueError, match="device 'gpu': use one of auto, cpu, cuda"):
@@ -210,3 +212,23 @@ def test_gpu_session_runs_on_one_intra_op_thread(monkeypatch, tiny_graph, cuda_l
     backend = OnnxRuntimeBackend({"fp32": entry(tiny_graph)}, threads=3)
     backend._executor.shutdown()
     assert FakeCudaSession.built[0][1].intra_op_num_threads == 3
+
+
+def test_server_flag_chooses_the_device():
+    """--onnxruntime-device: the backend's choices, auto by default; cuda on a machine without
+    the GPU build stops the start with one line naming the flag."""
+    from dataclasses import fields
+
+    from server.engine import StartupError, engine_opener
+    from server.flags import parse_settings
+
+    choices = {item.name: item.metadata["flag"].choices for item in fields(Settings)}
+    assert choices["onnxruntime_device"] == engine.DEVICES
+    assert parse_settings([]).onnxruntime_device == "auto"
+    settings = parse_settings(["--onnxruntime-device", "cuda"])
+    with pytest.raises(StartupError) as caught:
+        engine_opener(settings, {})
+    assert str(caught.value).startswith(
+        f"--onnxruntime-device cuda: the GPU was asked for but this ONNX Runtime has no "
+        f"{CUDA_PROVIDER}"
+    )

@@ -141,7 +141,8 @@ def providers(device: str = "auto") -> list:
     check_single_runtime()
     if not listed:
         raise EngineError(
-            f"device cuda: this ONNX Runtime has no {CUDA_PROVIDER} ({runtime_description()}); "
+            f"the GPU was asked for but this ONNX Runtime has no {CUDA_PROVIDER} "
+            f"({runtime_description()}); "
             "install the GPU build in its place (pip uninstall -y onnxruntime && pip install "
             f"onnxruntime-gpu=={ort.__version__}) or choose the CPU"
         )

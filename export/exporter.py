@@ -29,7 +29,7 @@ import torch
 
 from export import quantize
 from export.graph import TOLERANCE, VERIFY_SIZES, ServingGraph, export_onnx, verify_against_torch
-from export.repository import ModelInfo, write_model
+from export.repository import GpuServing, ModelInfo, write_model
 from inference.protocol import format_scales, parse_scales, serving_scales
 from inference.repository import CLASSIFY_MODEL
 from vgg.checkpoint import LoadedWeights, load_weights
@@ -38,6 +38,9 @@ from vgg.convert import to_fully_conv
 IMAGENET = "imagenet"
 DEFAULT_MODELS = ("vgg16", "vgg19")
 PRECISIONS = ("fp32", "fp16", "int8")
+# Where Triton runs the model, as config.pbtxt says: auto (one KIND_AUTO instance: the GPU when
+# Triton sees one) or gpu (export.repository.GpuServing).
+TARGETS = ("auto", "gpu")
 DEFAULT_OPSET = 17
 DEFAULT_REPOSITORY = Path("model_repository")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -63,10 +66,18 @@ def check_settings(
     calibration: Path | None = None,
     calibration_images: int = quantize.DEFAULT_CALIBRATION_IMAGES,
     verify_images: int = quantize.DEFAULT_VERIFY_IMAGES,
+    target: str = "auto",
+    gpu_memory_limit: float | None = None,
+    tensorrt: bool = False,
+    tensorrt_cache: str | None = None,
+    tensorrt_max_side: int | None = None,
 ) -> None:
     """Raise :class:`ExportError`, naming the flag, for a setting no export can use."""
     if precision not in PRECISIONS:
         raise ExportError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    check_target_settings(
+        target, precision, gpu_memory_limit, tensorrt, tensorrt_cache, tensorrt_max_side
+    )
     if version < 1:
         raise ExportError("--version must be a positive integer")
     if not 13 <= opset <= 21:
@@ -87,6 +98,51 @@ def check_settings(
         raise ExportError("--calibration is only used with --precision int8")
     if calibration_images < 1 or verify_images < 1:
         raise ExportError("--calibration-images and --verify-images must be at least 1")
+
+
+def check_target_settings(
+    target: str,
+    precision: str,
+    gpu_memory_limit: float | None,
+    tensorrt: bool,
+    tensorrt_cache: str | None,
+    tensorrt_max_side: int | None,
+) -> None:
+    """Raise :class:`ExportError`, naming the flag, for GPU settings that do not fit together."""
+    if target not in TARGETS:
+        raise ExportError(f"--target {target!r}: use one of {', '.join(TARGETS)}")
+    if target == "gpu" and precision == "int8":
+        raise ExportError(
+            "--target gpu with --precision int8: int8 graphs run on CPUs; export fp32 or fp16 "
+            "for the GPU"
+        )
+    if target != "gpu" and (gpu_memory_limit is not None or tensorrt):
+        raise ExportError("--gpu-memory-limit and --tensorrt are only used with --target gpu")
+    if gpu_memory_limit is not None and not gpu_memory_limit > 0:
+        raise ExportError(f"--gpu-memory-limit must be positive (GiB), got {gpu_memory_limit}")
+    if not tensorrt and (tensorrt_cache is not None or tensorrt_max_side is not None):
+        raise ExportError("--tensorrt-cache and --tensorrt-max-side are only used with --tensorrt")
+    if tensorrt_max_side is not None and tensorrt_max_side < 1:
+        raise ExportError(f"--tensorrt-max-side must be positive, got {tensorrt_max_side}")
+
+
+def gpu_serving(
+    target: str,
+    gpu_memory_limit: float | None = None,
+    tensorrt: bool = False,
+    tensorrt_cache: str | None = None,
+    tensorrt_max_side: int | None = None,
+) -> GpuServing | None:
+    """The GPU config's settings for ``--target gpu`` (None for auto), defaults filled in."""
+    if target != "gpu":
+        return None
+    defaults = GpuServing()
+    return GpuServing(
+        memory_limit_gib=gpu_memory_limit or defaults.memory_limit_gib,
+        tensorrt=tensorrt,
+        tensorrt_cache=tensorrt_cache or defaults.tensorrt_cache,
+        tensorrt_max_side=tensorrt_max_side,
+    )
 
 
 def scales_setting(value: str | Sequence[int] | None, flag: str) -> tuple[int, ...] | None:
@@ -275,6 +331,11 @@ def export_model(
     width: float | None = None,
     fc_width: int | None = None,
     crop: int | None = None,
+    target: str = "auto",
+    gpu_memory_limit: float | None = None,
+    tensorrt: bool = False,
+    tensorrt_cache: str | None = None,
+    tensorrt_max_side: int | None = None,
     log: Log = log_to_stderr,
 ) -> Path:
     """Export ``weights`` as model ``name`` into ``repository``; returns the written model.onnx.
@@ -302,6 +363,16 @@ def export_model(
             fp32 before anything is written.
         width, fc_width, crop: a small variant's width multiplier, FC6/FC7 width and training
             crop (plain state dicts only; FC6 kernel = crop / 32).
+        target: where Triton runs the model, as config.pbtxt says: "auto" (one ``KIND_AUTO``
+            instance: the GPU when Triton sees one) or "gpu" (two ``KIND_GPU`` instances,
+            warm-up batches, a capped CUDA arena; fp32 and fp16 only).
+        gpu_memory_limit: gpu: cap of each instance's CUDA arena in GiB (default 16).
+        tensorrt: gpu: ONNX Runtime's TensorRT provider with an optimisation profile and an
+            engine cache (default off: the CUDA provider alone).
+        tensorrt_cache: tensorrt: engine cache folder on the Triton host
+            (default /tmp/vggserve-tensorrt).
+        tensorrt_max_side: tensorrt: the profile's largest H and W (default: a 16:9 photo's
+            longer side at the largest serving scale, 910 for Q=512).
         log: where progress lines go (default: stderr).
 
     Raises:
@@ -319,7 +390,13 @@ def export_model(
         calibration=calibration,
         calibration_images=calibration_images,
         verify_images=verify_images,
+        target=target,
+        gpu_memory_limit=gpu_memory_limit,
+        tensorrt=tensorrt,
+        tensorrt_cache=tensorrt_cache,
+        tensorrt_max_side=tensorrt_max_side,
     )
+    gpu = gpu_serving(target, gpu_memory_limit, tensorrt, tensorrt_cache, tensorrt_max_side)
     serving = scales_setting(scales, "--scales")
     calibration_q = scales_setting(calibration_scales, "--calibration-scales")
     started = time.perf_counter()
@@ -365,7 +442,7 @@ def export_model(
     )
     repository = Path(repository)
     log(f"[{name}] 4/4 writing {repository / name}")
-    path = write_model(repository, info, version, model.SerializeToString(), names)
+    path = write_model(repository, info, version, model.SerializeToString(), names, gpu)
     size_mb = path.stat().st_size / 1e6
     log(f"[{name}] done: {path} ({size_mb:.1f} MB) in {time.perf_counter() - started:.1f} s")
     return path

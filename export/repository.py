@@ -24,7 +24,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from inference.classifier import DEFAULT_MAX_RESCALED_PIXELS
 from inference.images import DEFAULT_MAX_PIXELS
-from inference.protocol import format_scales, serving_scales
+from inference.protocol import MULTICROP_GRID, format_scales, rescaled_size, serving_scales
 from inference.repository import CLASSIFY_MODEL
 
 DEFAULT_MAX_BATCH_SIZE = 64
@@ -36,6 +36,22 @@ TRITON_BACKENDS = ("onnxruntime", "openvino", "python")
 # Triton's OpenVINO backend reads model.xml (OpenVINO IR) unless told the file's name; it reads
 # ONNX itself, so the exported file serves as it is.
 OPENVINO_MODEL_FILENAME = "model.onnx"
+# GPU configs (GpuServing): two instances per GPU, so one instance's copies overlap the other's
+# kernels (one instance serialises them).
+GPU_INSTANCES = 2
+# Each instance's CUDA arena is capped at this; it grows only as requested up to it. A 4:3 view
+# at Q=512 (512x683) holds about 0.27 GB of VGG activations at the first convolutions (3 live
+# tensors of 64 x 512 x 683 fp32), so 16 GiB admits batches of about 55 such views beside the
+# weights (0.55 GB for VGG-16) and cuDNN's workspace.
+DEFAULT_GPU_MEMORY_LIMIT_GIB = 16.0
+# TensorRT engines are cached here (writable in the Dockerfile's image and the Kubernetes pod):
+# built once per GPU model and profile, minutes each, then read back at every load.
+DEFAULT_TENSORRT_CACHE = "/tmp/vggserve-tensorrt"
+# The warm-up and the TensorRT profile's typical shape: the views of a 4:3 landscape photo
+# (640x480, the benchmarks' images) at each serving scale.
+WARMUP_PHOTO = (640, 480)
+# The TensorRT profile's largest side by default: a 16:9 photo's longer side at the largest Q.
+PROFILE_ASPECT = (16, 9)
 # classify: files per request (a client sends shape [n, 1]) and Python stubs serving it. Each
 # stub decodes and rescales, then waits on the classifiers; two keep one decoding while the
 # other waits.
@@ -68,11 +84,64 @@ class ModelInfo:
     scales: Sequence[int] | None = None
 
 
+@dataclass(frozen=True)
+class GpuServing:
+    """How a GPU config serves its model (``python export/to_onnx.py --target gpu``).
+
+    Args:
+        memory_limit_gib: cap of each instance's CUDA arena (``gpu_mem_limit``), in GiB.
+        tensorrt: ONNX Runtime's TensorRT provider, with one optimisation profile for the
+            dynamic N, H, W and an engine cache (off: the CUDA provider alone).
+        tensorrt_cache: folder, on the Triton host, of the TensorRT engine cache.
+        tensorrt_max_side: the profile's largest H and W (None: a 16:9 photo's longer side at
+            the largest serving scale); a view with a longer side is outside the engine.
+    """
+
+    memory_limit_gib: float = DEFAULT_GPU_MEMORY_LIMIT_GIB
+    tensorrt: bool = False
+    tensorrt_cache: str = DEFAULT_TENSORRT_CACHE
+    tensorrt_max_side: int | None = None
+
+
+def warmup_views(info: ModelInfo, max_batch_size: int) -> list[tuple[str, int, int, int]]:
+    """The batches a GPU config runs before it is ready, as (name, N, H, W): the two views of a
+    4:3 photo at each serving scale, and one multi-crop batch (every crop and its flip)."""
+    views = []
+    for q in info.scales or serving_scales(info.min_size):
+        width, height = rescaled_size(*WARMUP_PHOTO, q)
+        views.append((f"views at Q={q}", min(2, max_batch_size), height, width))
+    crops = min(2 * MULTICROP_GRID**2, max_batch_size)
+    views.append(("multi-crop", crops, info.min_size, info.min_size))
+    return views
+
+
+def tensorrt_profile(
+    info: ModelInfo, max_batch_size: int, max_side: int | None = None
+) -> dict[str, str]:
+    """The TensorRT provider's one optimisation profile of input ``image``, as the onnxruntime
+    backend's ``trt_profile_{min,opt,max}_shapes`` parameters: the smallest batch at the
+    training crop, the views of a 4:3 photo at the middle serving scale, and the largest batch
+    at ``max_side`` square."""
+    scales = sorted(info.scales or serving_scales(info.min_size))
+    width, height = rescaled_size(*WARMUP_PHOTO, scales[len(scales) // 2])
+    side = max_side or max(rescaled_size(*PROFILE_ASPECT, scales[-1]))
+    shapes = {
+        "min": (1, 3, info.min_size, info.min_size),
+        "opt": (min(2, max_batch_size), 3, height, width),
+        "max": (max_batch_size, 3, side, side),
+    }
+    return {
+        f"trt_profile_{kind}_shapes": "image:" + "x".join(map(str, shape))
+        for kind, shape in shapes.items()
+    }
+
+
 def model_config(
     info: ModelInfo,
     backend: str = "onnxruntime",
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-    instance_count: int = 1,
+    instance_count: int | None = None,
+    gpu: GpuServing | None = None,
 ) -> mc.ModelConfig:
     """Triton's ``ModelConfig`` for one exported model.
 
@@ -81,7 +150,17 @@ def model_config(
     stream, latency hint; its float layers run in the CPU plugin's default precision, bf16 on
     CPUs with native bf16: the backend has no switch to force fp32);
     ``backend="python"`` the twin whose ``model.py`` runs the same ONNX file with ONNX Runtime.
+
+    Without ``gpu``, one ``KIND_AUTO`` instance (the GPU when Triton sees one; ``KIND_CPU`` for
+    int8 and OpenVINO). With ``gpu`` (onnxruntime, fp32 or fp16 only): ``KIND_GPU`` instances
+    (default 2), warm-up batches (:func:`warmup_views`), a capped CUDA arena, one intra-op
+    thread per instance and, if asked, TensorRT with a profile and an engine cache.
     """
+    if gpu is not None and (backend != "onnxruntime" or info.precision == "int8"):
+        raise ValueError(
+            f"a GPU config is for Triton's onnxruntime backend with fp32 or fp16 graphs, not "
+            f"backend {backend!r} with {info.precision}; export fp32 or fp16 for the GPU"
+        )
     config = mc.ModelConfig(name=info.name, max_batch_size=max_batch_size)
     if backend == "onnxruntime":
         config.platform = "onnxruntime_onnx"
@@ -103,12 +182,14 @@ def model_config(
     config.dynamic_batching.max_queue_delay_microseconds = DEFAULT_QUEUE_DELAY_US
     # An int8 (QDQ) graph is a CPU model: ONNX Runtime's int8 kernels are CPU kernels, and on a
     # GPU instance its CUDA provider would run the QDQ graph node by node, slower than fp32.
-    kind = (
-        mc.ModelInstanceGroup.KIND_CPU
-        if info.precision == "int8" or backend == "openvino"
-        else mc.ModelInstanceGroup.KIND_AUTO
-    )
-    config.instance_group.add(count=instance_count, kind=kind)
+    if gpu is not None:
+        kind = mc.ModelInstanceGroup.KIND_GPU
+    elif info.precision == "int8" or backend == "openvino":
+        kind = mc.ModelInstanceGroup.KIND_CPU
+    else:
+        kind = mc.ModelInstanceGroup.KIND_AUTO
+    default_count = GPU_INSTANCES if gpu is not None else 1
+    config.instance_group.add(count=instance_count or default_count, kind=kind)
     config.version_policy.latest.num_versions = 1
     parameters = {
         "arch": info.arch,
@@ -127,9 +208,42 @@ def model_config(
         # One request at a time uses every core (as --backend openvino runs): latency, 1 stream.
         parameters["PERFORMANCE_HINT"] = "LATENCY"
         parameters["NUM_STREAMS"] = "1"
+    if gpu is not None:
+        # Read by the onnxruntime backend as the CUDA provider's options (top-level parameters:
+        # it reads these after an accelerator's, so they are the ones that hold).
+        parameters["gpu_mem_limit"] = str(int(gpu.memory_limit_gib * 2**30))
+        parameters["intra_op_thread_count"] = "1"  # the GPU computes; threads only launch
+        _add_gpu_settings(config, info, max_batch_size, gpu)
     for key, value in parameters.items():
         config.parameters[key].string_value = value
     return config
+
+
+def _add_gpu_settings(
+    config: mc.ModelConfig, info: ModelInfo, max_batch_size: int, gpu: GpuServing
+) -> None:
+    # Each instance runs these zero batches before the model is ready: the CUDA context,
+    # cuDNN's choices, the arena's growth (and TensorRT's engine) happen at load, not on the
+    # first requests.
+    for name, batch, height, width in warmup_views(info, max_batch_size):
+        warmup = config.model_warmup.add(name=name, batch_size=batch)
+        warmup.inputs["image"].data_type = mc.TYPE_UINT8
+        warmup.inputs["image"].dims.extend([3, height, width])
+        warmup.inputs["image"].zero_data = True
+    if not gpu.tensorrt:
+        return
+    # Without a profile TensorRT builds an engine for every new H x W (minutes each); without
+    # the cache, again at every load.
+    tensorrt = config.optimization.execution_accelerators.gpu_execution_accelerator.add(
+        name="tensorrt"
+    )
+    parameters = {
+        "precision_mode": "FP16" if info.precision == "fp16" else "FP32",
+        **tensorrt_profile(info, max_batch_size, gpu.tensorrt_max_side),
+        "trt_engine_cache_enable": "1",
+        "trt_engine_cache_path": gpu.tensorrt_cache,
+    }
+    tensorrt.parameters.update(parameters)
 
 
 def classify_config(
@@ -202,9 +316,15 @@ def parse_config(text: str) -> mc.ModelConfig:
 
 
 def write_model(
-    repository: Path, info: ModelInfo, version: int, onnx_bytes: bytes, labels: Sequence[str]
+    repository: Path,
+    info: ModelInfo,
+    version: int,
+    onnx_bytes: bytes,
+    labels: Sequence[str],
+    gpu: GpuServing | None = None,
 ) -> Path:
     """Write one model version into ``repository`` atomically; returns the model.onnx path.
+    ``gpu``: write the GPU config (:func:`model_config`).
 
     Everything is written into a staging folder beside the repository first and moved in with
     renames, so a failed or killed export leaves the repository as it was (at worst a stale
@@ -227,7 +347,7 @@ def write_model(
         version_dir.mkdir()
         (version_dir / "model.onnx").write_bytes(onnx_bytes)
         (staging / "labels.txt").write_text("".join(f"{label}\n" for label in labels))
-        (staging / "config.pbtxt").write_text(config_text(model_config(info)))
+        (staging / "config.pbtxt").write_text(config_text(model_config(info, gpu=gpu)))
         for path in (version_dir / "model.onnx", staging / "labels.txt", staging / "config.pbtxt"):
             with open(path, "rb") as f:
                 os.fsync(f.fileno())

@@ -25,6 +25,7 @@ from export.exporter import (
     DEFAULT_REPOSITORY,
     IMAGENET,
     PRECISIONS,
+    TARGETS,
     ExportError,
     check_settings,
     export_model,
@@ -32,6 +33,7 @@ from export.exporter import (
     scales_setting,
 )
 from export.graph import TOLERANCE
+from export.repository import DEFAULT_GPU_MEMORY_LIMIT_GIB, DEFAULT_TENSORRT_CACHE
 from vgg.checkpoint import CheckpointError
 from vgg.models import resolve_arch
 
@@ -136,6 +138,41 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         default=None,
         help="training crop of a small variant; FC6 kernel = crop / 32",
     )
+    parser.add_argument(
+        "--target",
+        choices=TARGETS,
+        default="auto",
+        help="where Triton runs the model, as config.pbtxt says: auto (one KIND_AUTO instance, "
+        "the GPU when Triton sees one) or gpu (two KIND_GPU instances, warm-up batches at the "
+        "serving scales, a capped CUDA arena; fp32 and fp16 only)",
+    )
+    parser.add_argument(
+        "--gpu-memory-limit",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help=f"gpu: cap of each instance's CUDA arena in GiB (default {DEFAULT_GPU_MEMORY_LIMIT_GIB:g})",
+    )
+    parser.add_argument(
+        "--tensorrt",
+        action="store_true",
+        help="gpu: ONNX Runtime's TensorRT provider, with one optimisation profile for the "
+        "dynamic batch, height and width and an engine cache (engines take minutes to build)",
+    )
+    parser.add_argument(
+        "--tensorrt-cache",
+        default=None,
+        metavar="DIR",
+        help=f"tensorrt: engine cache folder on the Triton host (default {DEFAULT_TENSORRT_CACHE})",
+    )
+    parser.add_argument(
+        "--tensorrt-max-side",
+        type=int,
+        default=None,
+        metavar="PIXELS",
+        help="tensorrt: the profile's largest height and width (default: a 16:9 photo's longer "
+        "side at the largest serving scale, 910 for Q=512); longer views are outside the engine",
+    )
     return parser
 
 
@@ -152,6 +189,11 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
             calibration=args.calibration,
             calibration_images=args.calibration_images,
             verify_images=args.verify_images,
+            target=args.target,
+            gpu_memory_limit=args.gpu_memory_limit,
+            tensorrt=args.tensorrt,
+            tensorrt_cache=args.tensorrt_cache,
+            tensorrt_max_side=args.tensorrt_max_side,
         )
         args.scales = scales_setting(args.scales, "--scales")
         args.calibration_scales = scales_setting(args.calibration_scales, "--calibration-scales")
@@ -195,6 +237,11 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
                 width=args.width,
                 fc_width=args.fc_width,
                 crop=args.crop,
+                target=args.target,
+                gpu_memory_limit=args.gpu_memory_limit,
+                tensorrt=args.tensorrt,
+                tensorrt_cache=args.tensorrt_cache,
+                tensorrt_max_side=args.tensorrt_max_side,
             )
         except (ExportError, CheckpointError, ValueError) as exc:
             log_to_stderr(f"error: {exc}")

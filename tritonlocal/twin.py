@@ -24,14 +24,26 @@ def twin_config(production_text: str, instance_count: int | None = None):
     """The twin's ``ModelConfig`` from the production ``config.pbtxt`` text.
 
     Only the engine changes: ``platform``/``backend`` become the Python backend (and, if asked,
-    the instance count, e.g. to share 2 cores between two models).
+    the instance count, e.g. to share 2 cores between two models). A GPU config
+    (``--target gpu``) is served on the CPU here: its ``KIND_GPU`` instances become ``KIND_CPU``
+    ones, and its GPU accelerators and warm-up batches are left out.
     """
     config = parse_config(production_text)
     config.platform = ""
     config.backend = "python"
-    if instance_count is not None:
-        for group in config.instance_group:
+    for group in config.instance_group:
+        if group.kind == group.KIND_GPU:
+            group.kind = group.KIND_CPU
+        if instance_count is not None:
             group.count = instance_count
+    if config.HasField("optimization"):
+        accelerators = config.optimization.execution_accelerators
+        accelerators.ClearField("gpu_execution_accelerator")
+        if not accelerators.ListFields():
+            config.optimization.ClearField("execution_accelerators")
+        if not config.optimization.ListFields():
+            config.ClearField("optimization")
+    config.ClearField("model_warmup")
     return config
 
 

@@ -41,8 +41,8 @@ OPENVINO_MODEL_FILENAME = "model.onnx"
 GPU_INSTANCES = 2
 # Each instance's CUDA arena is capped at this; it grows only as requested up to it. A 4:3 view
 # at Q=512 (512x683) holds about 0.27 GB of VGG activations at the first convolutions (3 live
-# tensors of 64 x 512 x 683 fp32), so 16 GiB admits batches of about 55 such views beside the
-# weights (0.55 GB for VGG-16) and cuDNN's workspace.
+# tensors of 64 x 512 x 683 fp32), so 16 GiB admits batches of up to about 60 such views beside the
+# weights (0.55 GB for VGG-16), less cuDNN's workspace.
 DEFAULT_GPU_MEMORY_LIMIT_GIB = 16.0
 # TensorRT engines are cached here (writable in the Dockerfile's image and the Kubernetes pod):
 # built once per GPU model and profile, minutes each, then read back at every load.

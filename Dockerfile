@@ -37,8 +37,8 @@ RUN python3 -m pip install --no-cache-dir --no-deps --ignore-requires-python /wh
         "protobuf>=4.25,<7" \
         "tritonclient[grpc]>=2.50,<3" \
     && rm -rf /wheels
-# The production configs (platform "onnxruntime_onnx", KIND_AUTO instances: the GPU when the
-# container sees one) and classify. Mount another repository on /models to serve it instead:
+# The production configs and classify (export with `--target gpu` for two KIND_GPU instances,
+# warm-up and a capped CUDA arena; a default export's KIND_AUTO instance lands on the GPU too). Mount another repository on /models to serve it instead:
 # classify reads its sibling models' config.pbtxt and labels.txt from that folder.
 COPY model_repository/ /models/
 EXPOSE 8000 8001 8002

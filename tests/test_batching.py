@@ -110,6 +110,52 @@ def test_shapes_models_and_max_batch_are_never_mixed(served, torch_models):
     assert difference > 100 * bound  # m16 vs m19
 
 
+class Echo:
+    """A backend that answers each view's first pixel as its "probs" and keeps what it ran."""
+
+    name = "echo"
+
+    def __init__(self) -> None:
+        self.batches = []
+
+    async def infer(self, model, images, outputs=("probs",)):
+        self.batches.append(images)
+        return {"probs": images[:, :1, 0, 0].astype(np.float32)}
+
+    async def ready(self):
+        return True
+
+    async def close(self):
+        pass
+
+
+@pytest.mark.parametrize("side, off_the_loop", [(512, True), (64, False)])
+def test_large_batches_are_joined_off_the_event_loop(monkeypatch, side, off_the_loop):
+    # Two requests of 2 views at side x side: 3 MiB at 512 (above the 1 MiB threshold), 48 KiB at
+    # 64 (below it: joined in place, cheaper than a thread hop).
+    views = [np.full((2, 3, side, side), seed, dtype=np.uint8) for seed in (7, 9)]
+    joined_in = []
+    concatenate = np.concatenate
+
+    def recording_concatenate(arrays, *args, **kwargs):
+        joined_in.append(threading.get_ident())
+        return concatenate(arrays, *args, **kwargs)
+
+    monkeypatch.setattr(np, "concatenate", recording_concatenate)
+
+    async def run():
+        echo = Echo()
+        batcher = MicroBatcher(echo, max_delay=0.05, max_batch=8)
+        results = await asyncio.gather(*(batcher.infer("m", v) for v in views))
+        await batcher.close()
+        return threading.get_ident(), echo.batches, results
+
+    loop_thread, batches, results = asyncio.run(run())
+    assert len(joined_in) == 1 and (joined_in[0] != loop_thread) == off_the_loop
+    assert len(batches) == 1 and np.array_equal(batches[0], np.concatenate(views))
+    assert [r["probs"][:, 0].tolist() for r in results] == [[7, 7], [9, 9]]
+
+
 def test_a_failed_batch_fails_every_caller_and_the_next_batch_works(served):
     view = dense_batch(smooth_image(96, 72, 0), 64)
 

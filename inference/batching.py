@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from inference.backends.base import Backend
+from inference.protocol import MULTICROP_GRID
 
 Key = tuple[str, tuple[int, ...], tuple[str, ...]]
 
@@ -134,3 +135,19 @@ async def join_views(arrays: Sequence[np.ndarray]) -> np.ndarray:
     if sum(array.nbytes for array in arrays) < JOIN_IN_THREAD_BYTES:
         return np.concatenate(arrays)
     return await asyncio.to_thread(np.concatenate, arrays)
+
+
+def padded_batch_sizes(max_batch: int | None = None) -> tuple[int, ...]:
+    """The batch sizes a compiled backend pads its runs up to, for the calls the server makes.
+
+    One request's views (1 without the flip, 2 with it), its multi-crop batches (25 crops, 50
+    with flips) and, with micro-batching up to ``max_batch`` views, the powers of two below
+    ``max_batch`` and ``max_batch`` itself: padding wastes less than half a run, and warm-up
+    can compile (and capture) every batch size the server will run.
+    """
+    crops = MULTICROP_GRID * MULTICROP_GRID
+    sizes = {1, 2, crops, 2 * crops}
+    if max_batch is not None:
+        sizes |= {1 << k for k in range(max_batch.bit_length()) if 1 << k < max_batch}
+        sizes.add(max_batch)
+    return tuple(sorted(sizes))

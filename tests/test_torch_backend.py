@@ -343,7 +343,8 @@ def test_server_on_torch_answers_like_onnxruntime(two_model_repository, caplog):
         if backend == "torch":
             assert all(m["backend"] == "torch" for m in models["models"])
             assert "torch backend on cpu, fp32, compile off" in log
-            assert "torch warm-up: 3 shapes x 2 models" in log
+            # Eager: the batch of 2 views at each of the 3 scales, for each model.
+            assert "torch warm-up of 6 (model, batch shape) pairs" in log
     ort_body, torch_body = bodies["onnxruntime"], bodies["torch"]
     image = decode_image(data)
     views = [dense_batch(image, q) for q in (64, 96, 128)]

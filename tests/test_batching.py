@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from inference import Classifier, ClassifyOptions, read_repository
 from inference import classifier as classifier_module
 from inference.backends.onnxruntime import OnnxRuntimeBackend
-from inference.batching import MicroBatcher
+from inference.batching import MicroBatcher, padded_batch_sizes
 from inference.protocol import dense_batch, rescaled_size
 from server.main import create_app
 from server.settings import Settings
@@ -108,6 +108,23 @@ def test_shapes_models_and_max_batch_are_never_mixed(served, torch_models):
     np.testing.assert_allclose(results[0]["probs"], results[2]["probs"], rtol=0, atol=bound)
     difference = np.abs(results[0]["probs"] - results[4]["probs"]).max()
     assert difference > 100 * bound  # m16 vs m19
+
+
+@pytest.mark.parametrize(
+    "max_batch, sizes",
+    [
+        (None, (1, 2, 25, 50)),  # no micro-batching: one request's views, its multi-crop batches
+        (32, (1, 2, 4, 8, 16, 25, 32, 50)),
+        (48, (1, 2, 4, 8, 16, 25, 32, 48, 50)),
+        (64, (1, 2, 4, 8, 16, 25, 32, 50, 64)),
+    ],
+)
+def test_padded_batch_sizes_hold_every_run_the_server_makes(max_batch, sizes):
+    assert padded_batch_sizes(max_batch) == sizes
+    # Every joined run up to max_batch fits one of them with less than half of it padding.
+    for views in range(1, (max_batch or 2) + 1):
+        padded = min(size for size in sizes if size >= views)
+        assert padded < 2 * views
 
 
 class Echo:

@@ -361,10 +361,14 @@ class TorchBackend:
             torch.cuda.empty_cache()
             before = torch.cuda.memory_reserved(device)
             graph = torch.cuda.CUDAGraph()
-            # One pool for every graph: replays run one at a time and each one's outputs are
-            # copied out before the next, so intermediates can share memory.
-            with torch.cuda.graph(graph, pool=self._graph_pool):
-                probs, scores = call(image)
+            try:
+                # One pool for every graph: replays run one at a time and each one's outputs
+                # are copied out before the next, so intermediates can share memory.
+                with torch.cuda.graph(graph, pool=self._graph_pool):
+                    probs, scores = call(image)
+            except RuntimeError as exc:  # an op that cannot be captured: serve without a graph
+                log.warning("%s: no CUDA graph for batch shape %s (%s)", model, shape, exc)
+                return
             grown = torch.cuda.memory_reserved(device) - before
         self._graphs[(model, shape)] = _CudaGraph(graph, image, {"probs": probs, "scores": scores})
         self.stats.cuda_graphs = len(self._graphs)

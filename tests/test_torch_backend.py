@@ -316,6 +316,30 @@ def test_warmup_compiles_every_batch_the_server_makes(two_model_repository, entr
         asyncio.run(backend.close())
 
 
+def test_compiled_warmup_without_sizes_warms_the_common_photo_orientations(two_model_repository):
+    # Nothing compiles after warm-up, so a compiled server always warms something up; an eager
+    # one has nothing to compile and starts at once.
+    repo, _ = two_model_repository
+    entries = read_repository(repo, ["m16"])
+    settings = Settings(repository=repo, scales=(96,))
+    eager_shapes = warmup_shapes(settings, entries)
+    assert eager_shapes == {"m16": []}
+    compiled_shapes = warmup_shapes(settings, entries, padded_batch_sizes())
+    # 640x480 and 480x640 at Q=96: 128x96 and 96x128; batches of 1 and 2; 25 and 50 crops.
+    assert compiled_shapes == {
+        "m16": [
+            (1, 3, 96, 128),
+            (1, 3, 128, 96),
+            (2, 3, 96, 128),
+            (2, 3, 128, 96),
+            (25, 3, 64, 64),
+            (50, 3, 64, 64),
+        ]
+    }
+    given = Settings(repository=repo, scales=(96,), torch_warmup=((320, 240),))
+    assert warmup_shapes(given, entries) == {"m16": [(2, 3, 96, 128)]}
+
+
 def tiny_serving_module(seed: int = 0) -> ServingModule:
     """A 3-conv fully convolutional net of the ServingModule's form (16-pixel crop, 5 classes)."""
     torch.manual_seed(seed)

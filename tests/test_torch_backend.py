@@ -253,6 +253,20 @@ def test_after_warmup_an_uncompiled_shape_runs_eagerly_with_a_warning(
         asyncio.run(backend.close())
 
 
+def test_a_single_view_batch_runs_the_compiled_code_whatever_its_strides(entries):
+    # dense_batch without the flip is view[None]: stride 0 on the batch axis, which numpy and
+    # torch call contiguous but dynamo's guards see; it must reach the warmed-up entry.
+    backend, counter = counting_backend(entries)
+    try:
+        asyncio.run(backend.warmup({"m16": [(1, 3, 64, 85)]}))
+        batch = dense_batch(smooth_image(85, 64, 0), 64, flip=False)
+        assert batch.shape == (1, 3, 64, 85) and batch.strides[0] == 0
+        run(backend, "m16", batch)
+        assert backend.stats.eager_shapes == 0
+    finally:
+        asyncio.run(backend.close())
+
+
 def test_past_the_recompile_limit_a_shape_runs_eagerly_not_an_error(
     entries, eager, torch_models, caplog
 ):

@@ -149,6 +149,14 @@ def _own_code_object(module: ServingModule, name: str):
     return types.FunctionType(code, serve.__globals__, code.co_name, None, serve.__closure__)
 
 
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """The strides, in elements, of a C-contiguous tensor of ``shape``."""
+    strides = [1] * len(shape)
+    for axis in range(len(shape) - 2, -1, -1):
+        strides[axis] = strides[axis + 1] * max(shape[axis + 1], 1)
+    return tuple(strides)
+
+
 @dataclass
 class ServingStats:
     """What the backend did that an operator watches (the server's /metrics)."""
@@ -319,6 +327,11 @@ class TorchBackend:
         bytes on CUDA; their outputs are dropped)."""
         if not self.on_gpu:
             batch = torch.from_numpy(np.ascontiguousarray(images))
+            if self.compiled:
+                # numpy calls an array C-contiguous whatever the stride of an axis of size 1
+                # (``view[None]`` has 0 there) and so does torch, but dynamo guards on strides:
+                # such a batch would miss the compiled code. Same memory, the usual strides.
+                batch = batch.as_strided(batch.shape, _contiguous_strides(batch.shape))
             if shape[0] == len(images):
                 return batch
             padded = torch.zeros(shape, dtype=torch.uint8)

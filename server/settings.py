@@ -182,9 +182,10 @@ class Settings:
     )
     torch_warmup: tuple[tuple[int, int], ...] | None = setting(
         None,
-        "with --backend torch: image sizes WIDTHxHEIGHT (e.g. 640x480,480x640) run at every "
-        "default scale before the server answers, with and without flips, at every padded "
-        "batch size and as multi-crop batches when compiled, so that no request compiles",
+        "with --backend torch: image sizes WIDTHxHEIGHT (e.g. 640x480,480x640) run with flips "
+        "at every default scale before the server answers; compiled, at every padded batch "
+        "size (one view, two, micro-batches) and with each model's multi-crop batches too, so "
+        "that no request compiles",
         parse=parse_size_list,
         check=positive_sizes,
         metavar="WxH,...",

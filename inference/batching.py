@@ -5,6 +5,9 @@ several requests together fills the device far better, so :class:`MicroBatcher` 
 batch of a given (model, shape, outputs) for at most ``max_delay`` seconds, joins whatever else
 of that key arrives meanwhile (up to ``max_batch`` views), runs it once and hands each caller
 its own rows. Different shapes are never padded together: exact rescaling stays exact.
+
+Joining large batches (tens of MB of views at N = 64, Q = 512) is a copy that would stall every
+other request if it ran on the event loop, so it runs in a worker thread.
 """
 
 from __future__ import annotations
@@ -16,8 +19,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from inference.backends.base import Backend
+from inference.protocol import MULTICROP_GRID
 
 Key = tuple[str, tuple[int, ...], tuple[str, ...]]
+
+# Below this many bytes joining the views takes less time than handing the copy to a thread.
+JOIN_IN_THREAD_BYTES = 1 << 20
 
 
 @dataclass
@@ -94,9 +101,7 @@ class MicroBatcher:
         model, _, outputs = key
         self._on_batch(pending.views)
         try:
-            joined = (
-                pending.arrays[0] if len(pending.arrays) == 1 else np.concatenate(pending.arrays)
-            )
+            joined = await join_views(pending.arrays)
             result = await self.backend.infer(model, joined, outputs)
         except BaseException as exc:  # every caller of the batch gets the failure
             for future in pending.futures:
@@ -121,3 +126,28 @@ class MicroBatcher:
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
         await self.backend.close()
+
+
+async def join_views(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """``arrays`` concatenated along the batch axis; a large copy runs off the event loop."""
+    if len(arrays) == 1:
+        return arrays[0]
+    if sum(array.nbytes for array in arrays) < JOIN_IN_THREAD_BYTES:
+        return np.concatenate(arrays)
+    return await asyncio.to_thread(np.concatenate, arrays)
+
+
+def padded_batch_sizes(max_batch: int | None = None) -> tuple[int, ...]:
+    """The batch sizes a compiled backend pads its runs up to, for the calls the server makes.
+
+    One request's views (1 without the flip, 2 with it), its multi-crop batches (25 crops, 50
+    with flips) and, with micro-batching up to ``max_batch`` views, the powers of two below
+    ``max_batch`` and ``max_batch`` itself: padding wastes less than half a run, and warm-up
+    can compile (and capture) every batch size the server will run.
+    """
+    crops = MULTICROP_GRID * MULTICROP_GRID
+    sizes = {1, 2, crops, 2 * crops}
+    if max_batch is not None:
+        sizes |= {1 << k for k in range(max_batch.bit_length()) if 1 << k < max_batch}
+        sizes.add(max_batch)
+    return tuple(sorted(sizes))

@@ -81,13 +81,11 @@ def with_batching(
     backend: Backend, settings: Settings, on_gpu: bool, on_batch: Callable[[int], object] | None
 ) -> Backend:
     """``backend`` behind a :class:`~inference.batching.MicroBatcher` when batching is on."""
-    delay_ms = settings.batch_delay_ms
-    if delay_ms is None:
-        delay_ms = 2.0 if on_gpu else 0.0
-    if delay_ms <= 0:
+    if not batching_on(settings, on_gpu):
         return backend
     from inference.batching import MicroBatcher
 
+    delay_ms = 2.0 if settings.batch_delay_ms is None else settings.batch_delay_ms
     return MicroBatcher(
         backend, max_delay=delay_ms / 1e3, max_batch=settings.max_batch, on_batch=on_batch
     )
@@ -97,10 +95,12 @@ def engine_opener(
     settings: Settings,
     models: Mapping[str, ModelEntry] | None,
     on_batch: Callable[[int], object] | None = None,
+    on_torch_stats: Callable[[object], object] | None = None,
 ) -> Opener:
     """How to open the backend ``settings`` names; the Triton client is imported only if asked.
 
-    ``models`` are the repository's (None with ``--backend triton``: Triton's own)."""
+    ``models`` are the repository's (None with ``--backend triton``: Triton's own);
+    ``on_batch`` and ``on_torch_stats``: see :func:`with_batching`, :func:`torch_opener`."""
     if settings.backend == "onnxruntime":
         from inference.backends.onnxruntime import EngineError, OnnxRuntimeBackend, providers
 
@@ -121,7 +121,7 @@ def engine_opener(
 
         return open_onnxruntime
     if settings.backend == "torch":
-        return torch_opener(settings, models, on_batch)
+        return torch_opener(settings, models, on_batch, on_torch_stats)
     if settings.backend == "openvino":
         return openvino_opener(settings, models, on_batch)
     try:
@@ -162,50 +162,92 @@ def remote_classifier(settings: Settings, engine: EngineHandle) -> ClassifierFac
     return make
 
 
+# Image sizes warmed up when torch.compile is on and --torch-warmup names none: after warm-up
+# nothing compiles on the request path, so the common photo orientations must be compiled.
+DEFAULT_WARMUP_SIZES = ((640, 480), (480, 640))
+
+
 def warmup_shapes(
-    settings: Settings, models: Mapping[str, ModelEntry]
-) -> list[tuple[int, int, int, int]]:
-    """The (2, 3, H, W) batches a request for each ``--torch-warmup`` size makes at every Q."""
+    settings: Settings,
+    models: Mapping[str, ModelEntry],
+    batch_sizes: Sequence[int] = (),
+    batching: bool = False,
+) -> dict[str, list[tuple[int, int, int, int]]]:
+    """Per model, the (N, 3, H, W) batches warm-up runs.
+
+    Without ``batch_sizes`` (eager): the batch of 2 (image and flip) a request for each
+    ``--torch-warmup`` size makes at every Q. With them (compiled, runs padded to those sizes):
+    every size up to the largest dense run (2 views, or ``--max-batch`` with ``batching``) at
+    those sizes, and the multi-crop batches (the sizes from 25 crops up, at the model's crop), so
+    that every batch shape the server can run is compiled before it answers.
+    """
     from inference import rescaled_size
+    from inference.protocol import MULTICROP_GRID
 
     multiple = settings.shape_multiple
+    sizes = settings.torch_warmup
+    if sizes is None:
+        sizes = DEFAULT_WARMUP_SIZES if batch_sizes else ()
+    largest_dense = settings.max_batch if batching else 2
+    dense_counts = [n for n in batch_sizes if n <= largest_dense] or [2]
+    crop_counts = [n for n in batch_sizes if n >= MULTICROP_GRID * MULTICROP_GRID]
     min_size = max(entry.min_size for entry in models.values())
-    shapes = set()
-    for width, height in settings.torch_warmup:
+    views = set()
+    for width, height in sizes:
         for q in settings.scales or {q for entry in models.values() for q in entry.scales}:
             if q < min_size:
                 continue  # such requests are refused before they reach the backend
             size = rescaled_size(width, height, q, multiple)
-            shapes.add((2, 3, size[1], size[0]))  # the image and its flip
-    return sorted(shapes)
+            views.add((size[1], size[0]))
+    return {
+        name: sorted({(n, 3, h, w) for n in dense_counts for h, w in views})
+        + [(n, 3, entry.min_size, entry.min_size) for n in crop_counts]
+        for name, entry in models.items()
+    }
+
+
+def batching_on(settings: Settings, on_gpu: bool) -> bool:
+    """Whether micro-batching runs (``--batch-delay-ms``, by default on a GPU only)."""
+    return on_gpu if settings.batch_delay_ms is None else settings.batch_delay_ms > 0
 
 
 def torch_opener(
     settings: Settings,
     models: Mapping[str, ModelEntry],
     on_batch: Callable[[int], object] | None = None,
+    on_torch_stats: Callable[[object], object] | None = None,
 ) -> Opener:
     """``--backend torch``: the graphs are read now, so an unreadable one (an int8 graph, a
     foreign op) or a missing GPU stops the start with one line; moving them to the device,
-    compiling and warming up happen when the app starts, before it answers."""
+    compiling and warming up happen when the app starts, before it answers.
+
+    ``on_torch_stats`` is handed the backend's :class:`~inference.backends.torch.ServingStats`
+    once it exists (the server's /metrics read it)."""
     try:
         from inference.backends.torch import (
             GraphNotReadable,
             TorchBackend,
             load_modules,
+            resolve_compile,
             resolve_device,
         )
     except ImportError as exc:
         raise StartupError(f"--backend torch needs PyTorch and onnx ({exc})") from exc
+    from inference.batching import padded_batch_sizes
+
     try:
-        resolve_device(settings.torch_device)
+        device = resolve_device(settings.torch_device)
     except ValueError as exc:
         raise StartupError(f"--torch-device {exc}") from exc
     try:
         modules = load_modules(models)
     except GraphNotReadable as exc:
         raise StartupError(f"--backend torch cannot run {exc}") from exc
-    shapes = warmup_shapes(settings, models)
+    on_gpu = device.type == "cuda"
+    compiled = resolve_compile(settings.torch_compile, device) != "off"
+    batching = batching_on(settings, on_gpu)
+    batch_sizes = padded_batch_sizes(settings.max_batch if batching else None) if compiled else ()
+    shapes = warmup_shapes(settings, models, batch_sizes, batching)
 
     async def open_torch() -> Backend:
         backend = await asyncio.to_thread(
@@ -215,16 +257,27 @@ def torch_opener(
             dtype=settings.torch_dtype,
             compile=settings.torch_compile,
             threads=settings.threads,
+            batch_sizes=batch_sizes,
         )
         log.info("%s", backend.describe())
-        if shapes:
+        if on_torch_stats is not None:
+            on_torch_stats(backend.stats)
+        runs = sum(len(model_shapes) for model_shapes in shapes.values())
+        if runs:
             try:
                 seconds = await backend.warmup(shapes)
             except BaseException:
                 await backend.close()
                 raise
+            stats = backend.stats
             log.info(
-                "torch warm-up: %d shapes x %d models in %.1f s", len(shapes), len(models), seconds
+                "torch warm-up of %d (model, batch shape) pairs in %.1f s: %d CUDA graphs "
+                "(%.0f MiB), %d shapes run eagerly",
+                runs,
+                seconds,
+                stats.cuda_graphs,
+                stats.cuda_graph_bytes / 2**20,
+                stats.eager_shapes,
             )
         return with_batching(backend, settings, backend.on_gpu, on_batch)
 

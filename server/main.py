@@ -53,7 +53,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     metrics = Metrics()
     engine = EngineHandle(
-        settings.backend, engine_opener(settings, served, on_batch=metrics.batch_views.observe)
+        settings.backend,
+        engine_opener(
+            settings,
+            served,
+            on_batch=metrics.batch_views.observe,
+            on_torch_stats=metrics.watch_torch,
+        ),
     )
     state = ServerState(
         settings=settings,

@@ -6,6 +6,7 @@ Each app has its own registry, so several apps (tests) can live in one process.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -61,8 +62,31 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=self.registry,
         )
+        self.torch_cuda_graphs = Gauge(
+            "vggserve_torch_cuda_graphs",
+            "CUDA graphs the torch backend captured at warm-up (one per model and batch shape)",
+            registry=self.registry,
+        )
+        self.torch_cuda_graph_bytes = Gauge(
+            "vggserve_torch_cuda_graph_memory_bytes",
+            "Device memory the torch backend's CUDA graphs hold (their pool and input buffers)",
+            registry=self.registry,
+        )
+        self.torch_eager_shapes = Gauge(
+            "vggserve_torch_eager_shapes",
+            "Batch shapes the compiled torch backend runs eagerly: not compiled at warm-up (add "
+            "the image size to --torch-warmup) or past the recompile limit",
+            registry=self.registry,
+        )
         for stage in STAGES:  # export every stage from the start, not after the first request
             self.stage_seconds.labels(stage)
+
+    def watch_torch(self, stats: Any) -> None:
+        """Read the torch backend's :class:`~inference.backends.torch.ServingStats` at every
+        scrape (0 until the backend exists, and with other backends)."""
+        self.torch_cuda_graphs.set_function(lambda: stats.cuda_graphs)
+        self.torch_cuda_graph_bytes.set_function(lambda: stats.cuda_graph_bytes)
+        self.torch_eager_shapes.set_function(lambda: stats.eager_shapes)
 
     def observe_stages(self, timing_ms: dict[str, float]) -> None:
         """Record one image's stage timings (milliseconds, as in the response)."""

@@ -181,20 +181,24 @@ class Settings:
     )
     torch_compile: str = setting(
         "auto",
-        "with --backend torch: torch.compile mode (dynamic shapes, one compile per model) or off "
-        "(eager); auto is reduce-overhead (CUDA graphs for shapes that recur) on CUDA and off on "
-        "the CPU",
+        "with --backend torch: torch.compile mode (dynamic shapes, a few compiles per model, all "
+        "at warm-up) or off (eager); reduce-overhead and max-autotune also capture a CUDA graph "
+        "of each warm-up shape. Compiled, runs are padded to a few batch sizes (1, 2, 25, 50 "
+        "and, with micro-batching, powers of two up to the largest micro-batch), and a shape "
+        "warm-up did not compile runs eagerly, with a warning. auto is reduce-overhead on CUDA "
+        "and off on the CPU",
         choices=("auto", *torch_options.COMPILE_MODES),
     )
-    torch_warmup: tuple[tuple[int, int], ...] = setting(
-        (),
-        "with --backend torch: image sizes WIDTHxHEIGHT (e.g. 640x480,480x640) run with flips at "
-        "every default scale before the server answers, so the first requests of those shapes "
-        "pay no compile or graph capture",
+    torch_warmup: tuple[tuple[int, int], ...] | None = setting(
+        None,
+        "with --backend torch: image sizes WIDTHxHEIGHT (e.g. 640x480,480x640) run with flips "
+        "at every default scale before the server answers; compiled, at every padded batch "
+        "size (one view, two, micro-batches) and with each model's multi-crop batches too, so "
+        "that no request compiles",
         parse=parse_size_list,
         check=positive_sizes,
         metavar="WxH,...",
-        default_text="none",
+        default_text="none with --torch-compile off; compiled: 640x480,480x640",
     )
     openvino_precision: str = setting(
         "auto",

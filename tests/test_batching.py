@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from inference import Classifier, ClassifyOptions, read_repository
 from inference import classifier as classifier_module
 from inference.backends.onnxruntime import OnnxRuntimeBackend
-from inference.batching import MicroBatcher
+from inference.batching import MicroBatcher, padded_batch_sizes
 from inference.protocol import dense_batch, rescaled_size
 from server.main import create_app
 from server.settings import Settings
@@ -108,6 +108,69 @@ def test_shapes_models_and_max_batch_are_never_mixed(served, torch_models):
     np.testing.assert_allclose(results[0]["probs"], results[2]["probs"], rtol=0, atol=bound)
     difference = np.abs(results[0]["probs"] - results[4]["probs"]).max()
     assert difference > 100 * bound  # m16 vs m19
+
+
+@pytest.mark.parametrize(
+    "max_batch, sizes",
+    [
+        (None, (1, 2, 25, 50)),  # no micro-batching: one request's views, its multi-crop batches
+        (32, (1, 2, 4, 8, 16, 25, 32, 50)),
+        (48, (1, 2, 4, 8, 16, 25, 32, 48, 50)),
+        (64, (1, 2, 4, 8, 16, 25, 32, 50, 64)),
+    ],
+)
+def test_padded_batch_sizes_hold_every_run_the_server_makes(max_batch, sizes):
+    assert padded_batch_sizes(max_batch) == sizes
+    # Every joined run up to max_batch fits one of them with less than half of it padding.
+    for views in range(1, (max_batch or 2) + 1):
+        padded = min(size for size in sizes if size >= views)
+        assert padded < 2 * views
+
+
+class Echo:
+    """A backend that answers each view's first pixel as its "probs" and keeps what it ran."""
+
+    name = "echo"
+
+    def __init__(self) -> None:
+        self.batches = []
+
+    async def infer(self, model, images, outputs=("probs",)):
+        self.batches.append(images)
+        return {"probs": images[:, :1, 0, 0].astype(np.float32)}
+
+    async def ready(self):
+        return True
+
+    async def close(self):
+        pass
+
+
+@pytest.mark.parametrize("side, off_the_loop", [(512, True), (64, False)])
+def test_large_batches_are_joined_off_the_event_loop(monkeypatch, side, off_the_loop):
+    # Two requests of 2 views at side x side: 3 MiB at 512 (above the 1 MiB threshold), 48 KiB at
+    # 64 (below it: joined in place, cheaper than a thread hop).
+    views = [np.full((2, 3, side, side), seed, dtype=np.uint8) for seed in (7, 9)]
+    joined_in = []
+    concatenate = np.concatenate
+
+    def recording_concatenate(arrays, *args, **kwargs):
+        joined_in.append(threading.get_ident())
+        return concatenate(arrays, *args, **kwargs)
+
+    monkeypatch.setattr(np, "concatenate", recording_concatenate)
+
+    async def run():
+        echo = Echo()
+        batcher = MicroBatcher(echo, max_delay=0.05, max_batch=8)
+        results = await asyncio.gather(*(batcher.infer("m", v) for v in views))
+        await batcher.close()
+        return threading.get_ident(), echo.batches, results
+
+    loop_thread, batches, results = asyncio.run(run())
+    assert len(joined_in) == 1 and (joined_in[0] != loop_thread) == off_the_loop
+    assert len(batches) == 1 and np.array_equal(batches[0], np.concatenate(views))
+    assert [r["probs"][:, 0].tolist() for r in results] == [[7, 7], [9, 9]]
 
 
 def test_a_failed_batch_fails_every_caller_and_the_next_batch_works(served):

@@ -79,7 +79,7 @@ def test_no_flags_give_the_defaults_every_deployment_relies_on():
         "auto",
         "auto",
     )
-    assert settings.torch_warmup == ()
+    assert settings.torch_warmup is None  # none eager, 640x480,480x640 compiled
     assert (settings.batch_delay_ms, settings.max_batch, settings.shape_multiple) == (
         None,
         32,

@@ -1,7 +1,8 @@
 """``--backend torch``: the module read back from model.onnx against ONNX Runtime, on the same files.
 
-CPU tests run everywhere (fp32 eager, bf16, dynamic-shape compilation through dynamo); the CUDA
-ones (bf16 vs fp32, inductor with CUDA graphs) run where a GPU is visible.
+CPU tests run everywhere (fp32 eager, bf16, dynamic-shape compilation through dynamo and
+Inductor: padding, warm-up, eager fallbacks); the CUDA ones (bf16 vs fp32, inductor with CUDA
+graphs) run where a GPU is visible.
 """
 
 from __future__ import annotations
@@ -20,22 +21,26 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from inference import decode_image, read_repository
+from inference import Classifier, ClassifyOptions, decode_image, read_repository
 from inference.backends.onnx_reader import GraphNotReadable, read_serving_module
+from inference.backends.serving_module import ServingModule
 from inference.backends.torch import (
     COMPILE_MODES,
     DTYPES,
+    ServingStats,
     TorchBackend,
     load_modules,
     resolve_compile,
     resolve_dtype,
 )
+from inference.batching import MicroBatcher, padded_batch_sizes
 from inference.protocol import dense_batch
-from server.engine import StartupError
+from server.engine import StartupError, warmup_shapes
 from server.main import create_app
+from server.metrics import Metrics
 from server.settings import Settings
 from testkit import REPOSITORY_ROOT as ROOT
-from testkit.images import jpeg
+from testkit.images import jpeg, smooth_image
 from testkit.models import export_random_model
 from testkit.processes import run_server_command
 from testkit.tolerances import largest_score, posterior_bound, score_bound
@@ -185,6 +190,231 @@ def test_compiled_with_dynamic_shapes_compiles_once_per_model(entries, eager, to
         assert counter.frame_count <= len(entries) + 1
     finally:
         asyncio.run(backend.close())
+
+
+# --- compiled: padding, warm-up, no compile on the request path ---------------------------------
+# dynamo's counting backend stands in for Inductor in most of these: the classes of shapes that
+# recompile are decided by dynamo's guards, before any backend sees a graph, and it traces in a
+# second where Inductor's C++ builds take minutes.
+
+
+def counting_backend(entries, **options):
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    backend = TorchBackend.from_models(
+        entries, device="cpu", dtype="fp32", compile="default", compile_backend=counter, **options
+    )
+    return backend, counter
+
+
+def test_compiled_runs_are_padded_to_the_batch_sizes_and_sliced(entries, eager, torch_models):
+    backend, counter = counting_backend(entries, batch_sizes=(1, 2, 4, 8))
+    try:
+        assert [backend.padded_size(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 9]
+        for rows in (3, 5, 6):  # run at 4, 8, 8: the padding rows' results are dropped
+            batch = images((rows, 3, 64, 85), seed=rows)
+            got = run(backend, "m16", batch)
+            assert got["probs"].shape == (rows, 10) and got["scores"].shape[0] == rows
+            reference = run(eager, "m16", batch)
+            assert_close(got, reference["probs"], reference["scores"], torch_models["m16"])
+        assert backend.shapes_seen["m16"] == {(3, 3, 64, 85), (5, 3, 64, 85), (6, 3, 64, 85)}
+        assert counter.frame_count == 1  # 4 and 8 rows: one graph with a dynamic batch size
+    finally:
+        asyncio.run(backend.close())
+
+
+def test_after_warmup_an_uncompiled_shape_runs_eagerly_with_a_warning(
+    entries, eager, torch_models, caplog
+):
+    backend, counter = counting_backend(entries)
+    try:
+        asyncio.run(backend.warmup({"m16": [(2, 3, 64, 85)]}))
+        compiled = counter.frame_count
+        # Other H and W of the warmed class run compiled, no new compile.
+        run(backend, "m16", images((2, 3, 96, 128)))
+        assert counter.frame_count == compiled and backend.stats.eager_shapes == 0
+        # A batch of 1 is a class of its own (the compiler specialises a size of 1): refused on
+        # the request path, run eagerly with the same numbers, said once.
+        caplog.set_level(logging.WARNING, logger="inference.torch")
+        batch = images((1, 3, 64, 85), seed=4)
+        for _ in range(2):
+            got = run(backend, "m16", batch)
+            reference = run(eager, "m16", batch)
+            assert_close(got, reference["probs"], reference["scores"], torch_models["m16"])
+        assert counter.frame_count == compiled
+        assert backend.stats == ServingStats(eager_shapes=1)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warnings == [
+            "m16: batch shape (1, 3, 64, 85) runs eagerly (slower), as warm-up did not compile "
+            "it (warm up its image size)"
+        ]
+    finally:
+        asyncio.run(backend.close())
+
+
+def test_a_single_view_batch_runs_the_compiled_code_whatever_its_strides(entries):
+    # dense_batch without the flip is view[None]: stride 0 on the batch axis, which numpy and
+    # torch call contiguous but dynamo's guards see; it must reach the warmed-up entry.
+    backend, counter = counting_backend(entries)
+    try:
+        asyncio.run(backend.warmup({"m16": [(1, 3, 64, 85)]}))
+        batch = dense_batch(smooth_image(85, 64, 0), 64, flip=False)
+        assert batch.shape == (1, 3, 64, 85) and batch.strides[0] == 0
+        run(backend, "m16", batch)
+        assert backend.stats.eager_shapes == 0
+    finally:
+        asyncio.run(backend.close())
+
+
+def test_past_the_recompile_limit_a_shape_runs_eagerly_not_an_error(
+    entries, eager, torch_models, caplog
+):
+    # fullgraph=True raises FailOnRecompileLimitHit at the limit: that must become an eager run.
+    backend, counter = counting_backend(entries, recompile_limit=1)
+    caplog.set_level(logging.WARNING, logger="inference.torch")
+    try:
+        asyncio.run(backend.warmup({"m16": [(2, 3, 64, 85), (1, 3, 64, 85)]}))
+        assert counter.frame_count == 1
+        assert backend.stats.eager_shapes == 1
+        assert "(1, 3, 64, 85) runs eagerly (slower), as it would pass the recompile limit" in (
+            caplog.text
+        )
+        batch = images((1, 3, 85, 64), seed=6)  # also past the limit, on the request path
+        got = run(backend, "m16", batch)
+        reference = run(eager, "m16", batch)
+        assert_close(got, reference["probs"], reference["scores"], torch_models["m16"])
+        assert backend.stats.eager_shapes == 2
+    finally:
+        asyncio.run(backend.close())
+
+
+def test_warmup_compiles_every_batch_the_server_makes(two_model_repository, entries):
+    # The server's warm-up for its settings, then the traffic it serves: flips on and off, dense,
+    # multi-crop and both, portrait and landscape, joined by micro-batching into runs of 1 to 4
+    # views. Scales 64 (the crop: score maps 1 high or wide) and 96 (2x2 and up).
+    repo, _ = two_model_repository
+    settings = Settings(repository=repo, scales=(64, 96), max_batch=4)
+    sizes = padded_batch_sizes(settings.max_batch)
+    assert sizes == (1, 2, 4, 25, 50)
+    shapes = warmup_shapes(settings, entries, sizes, batching=True)
+    expected_dense = {(n, 3, h, w) for n in (1, 2, 4) for h, w in ((64, 85), (96, 128))}
+    expected_dense |= {(n, 3, w, h) for n, _, h, w in expected_dense}
+    for model in entries:
+        assert set(shapes[model]) == expected_dense | {(25, 3, 64, 64), (50, 3, 64, 64)}
+    backend, counter = counting_backend(entries, batch_sizes=sizes)
+
+    async def serve():
+        await backend.warmup(shapes)
+        compiled = counter.frame_count
+        classifier = Classifier(MicroBatcher(backend, max_delay=0.05, max_batch=4), entries)
+        requests = [
+            (
+                smooth_image(width, height, seed),
+                ClassifyOptions(scales=(64, 96), flip=flip, mode=mode),
+            )
+            for seed, (width, height) in enumerate([(640, 480), (480, 640), (800, 600), (300, 400)])
+            for flip in (True, False)
+            for mode in ("dense", "multicrop", "both")
+        ]
+        await asyncio.gather(*(classifier.classify(image, opts) for image, opts in requests))
+        return compiled
+
+    compiled = asyncio.run(serve())
+    try:
+        assert counter.frame_count == compiled, "a request compiled"
+        assert backend.stats.eager_shapes == 0, "a request's batch shape was not warmed up"
+        seen = set().union(*backend.shapes_seen.values())
+        assert {n for n, *_ in seen} >= {1, 2, 3, 4, 25, 50}  # joined runs of 3 padded to 4
+    finally:
+        asyncio.run(backend.close())
+
+
+def test_compiled_warmup_without_sizes_warms_the_common_photo_orientations(two_model_repository):
+    # Nothing compiles after warm-up, so a compiled server always warms something up; an eager
+    # one has nothing to compile and starts at once.
+    repo, _ = two_model_repository
+    entries = read_repository(repo, ["m16"])
+    settings = Settings(repository=repo, scales=(96,))
+    eager_shapes = warmup_shapes(settings, entries)
+    assert eager_shapes == {"m16": []}
+    compiled_shapes = warmup_shapes(settings, entries, padded_batch_sizes())
+    # 640x480 and 480x640 at Q=96: 128x96 and 96x128; batches of 1 and 2; 25 and 50 crops.
+    assert compiled_shapes == {
+        "m16": [
+            (1, 3, 96, 128),
+            (1, 3, 128, 96),
+            (2, 3, 96, 128),
+            (2, 3, 128, 96),
+            (25, 3, 64, 64),
+            (50, 3, 64, 64),
+        ]
+    }
+    given = Settings(repository=repo, scales=(96,), torch_warmup=((320, 240),))
+    assert warmup_shapes(given, entries) == {"m16": [(2, 3, 96, 128)]}
+
+
+def tiny_serving_module(seed: int = 0) -> ServingModule:
+    """A 3-conv fully convolutional net of the ServingModule's form (16-pixel crop, 5 classes)."""
+    torch.manual_seed(seed)
+    layers = [
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2, 2),
+        torch.nn.Conv2d(4, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2, 2),
+        torch.nn.Conv2d(8, 5, 4),
+    ]
+    return ServingModule(torch.full((3, 1, 1), 4 / 255), torch.full((3, 1, 1), -2.0), layers)
+
+
+def test_inductor_on_the_cpu_serves_warmed_shapes_compiled_and_equal_to_eager(caplog):
+    # The production compiler (Inductor, C++ kernels on the CPU) on a tiny net: the warm-up
+    # compiles, requests of other H and W and padded batch sizes reuse it, and the numbers are
+    # eager's within fp32 rounding: a 3-layer net of at most 72 products per output, each
+    # rounded at 2**-24 relative, so 1e-5 of the largest score is a generous bound.
+    from torch._dynamo.utils import counters
+
+    modules = {"tiny": tiny_serving_module()}
+    eager = TorchBackend(modules, device="cpu", compile="off")
+    compiled = TorchBackend(
+        {"tiny": tiny_serving_module()}, device="cpu", compile="default", batch_sizes=(2, 4)
+    )
+    caplog.set_level(logging.WARNING, logger="inference.torch")
+    try:
+        asyncio.run(compiled.warmup([(2, 3, 32, 40), (4, 3, 32, 40)]))
+        graphs = counters["stats"]["unique_graphs"]
+        for shape in [(2, 3, 48, 40), (3, 3, 40, 56), (4, 3, 36, 36)]:
+            batch = images(shape, seed=shape[2])
+            got = run(compiled, "tiny", batch)
+            reference = run(eager, "tiny", batch)
+            largest = float(np.abs(reference["scores"]).max())
+            np.testing.assert_allclose(got["scores"], reference["scores"], atol=1e-5 * largest)
+            np.testing.assert_allclose(got["probs"], reference["probs"], atol=1e-5 * largest)
+            assert got["scores"].flags["C_CONTIGUOUS"]
+        assert counters["stats"]["unique_graphs"] == graphs, "a request compiled"
+        assert compiled.stats == ServingStats() and "eagerly" not in caplog.text
+    finally:
+        asyncio.run(eager.close())
+        asyncio.run(compiled.close())
+
+
+def test_metrics_read_the_torch_backends_counts():
+    metrics = Metrics()
+    stats = ServingStats()
+    metrics.watch_torch(stats)
+    stats.cuda_graphs, stats.cuda_graph_bytes, stats.eager_shapes = 12, 3 * 2**20, 2
+    exposed = prometheus_text(metrics)
+    assert "vggserve_torch_cuda_graphs 12.0" in exposed
+    assert "vggserve_torch_cuda_graph_memory_bytes 3.145728e+06" in exposed
+    assert "vggserve_torch_eager_shapes 2.0" in exposed
+
+
+def prometheus_text(metrics: Metrics) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(metrics.registry).decode()
 
 
 def test_warmup_runs_every_model_at_every_shape(entries):
@@ -339,11 +569,15 @@ def test_server_on_torch_answers_like_onnxruntime(two_model_repository, caplog):
             assert response.status_code == 200, response.text
             bodies[backend] = response.json()
             models = client.get("/v1/models").json()
+            exposed = client.get("/metrics").text
             log = caplog.text
         if backend == "torch":
             assert all(m["backend"] == "torch" for m in models["models"])
             assert "torch backend on cpu, fp32, compile off" in log
-            assert "torch warm-up: 3 shapes x 2 models" in log
+            # Eager: the batch of 2 views at each of the 3 scales, for each model.
+            assert "torch warm-up of 6 (model, batch shape) pairs" in log
+            assert "vggserve_torch_cuda_graphs 0.0" in exposed
+            assert "vggserve_torch_eager_shapes 0.0" in exposed
     ort_body, torch_body = bodies["onnxruntime"], bodies["torch"]
     image = decode_image(data)
     views = [dense_batch(image, q) for q in (64, 96, 128)]
@@ -397,20 +631,31 @@ def test_cuda_compile_reuses_its_graph_across_shapes(entries, mode):
     from torch._dynamo.utils import counters
 
     eager = TorchBackend.from_models(entries, device="cuda", dtype="bf16", compile="off")
-    compiled = TorchBackend.from_models(entries, device="cuda", dtype="bf16", compile=mode)
+    compiled = TorchBackend.from_models(
+        entries, device="cuda", dtype="bf16", compile=mode, batch_sizes=(2, 4)
+    )
     try:
         before = counters["stats"]["unique_graphs"]
         # Score maps of at least 2x2: Inductor specialises a size of 1 (a 64-pixel side here).
         a, b, c = (2, 3, 96, 128), (2, 3, 128, 96), (2, 3, 160, 224)
-        shapes = [a, b, a, a, b, c, c, c]
-        for shape in shapes:  # repeats: CUDA graphs are recorded on the 2nd call, replayed after
+        asyncio.run(compiled.warmup([a, b, (4, 3, 96, 128)]))
+        compiled_graphs = counters["stats"]["unique_graphs"] - before
+        captured = 3 * len(entries) if mode == "reduce-overhead" else 0
+        assert compiled.stats.cuda_graphs == captured
+        assert (compiled.stats.cuda_graph_bytes > 0) == (captured > 0)
+        # Warmed shapes replay their graphs; c runs compiled without one; 3 rows run padded to
+        # the warmed batch of 4.
+        for shape in [a, b, a, c, c, (3, 3, 96, 128), b]:
             batch = images(shape, seed=2)
             for model in entries:
-                got = run(compiled, model, batch, ("probs",))["probs"]
-                reference = run(eager, model, batch, ("probs",))["probs"]
-                np.testing.assert_allclose(got, reference, rtol=0, atol=1e-2)
-        compiled_graphs = counters["stats"]["unique_graphs"] - before
-        assert compiled_graphs == len(entries), "recompiled per shape (see TORCH_LOGS=recompiles)"
+                got = run(compiled, model, batch, ("probs", "scores"))
+                reference = run(eager, model, batch, ("probs", "scores"))
+                np.testing.assert_allclose(got["probs"], reference["probs"], rtol=0, atol=1e-2)
+                assert got["scores"].shape == reference["scores"].shape
+        assert counters["stats"]["unique_graphs"] - before == compiled_graphs, (
+            "a request compiled (see TORCH_LOGS=recompiles)"
+        )
+        assert compiled.stats.cuda_graphs == captured and compiled.stats.eager_shapes == 0
     finally:
         asyncio.run(eager.close())
         asyncio.run(compiled.close())

@@ -20,7 +20,8 @@ class ServingModule(nn.Module):
 
     The same computation as the exported graph: normalisation in float32 (``x * scale +
     shift``, i.e. ``(x / 255 - mean) / std``), the conv stack ``layers`` in
-    :attr:`compute_dtype`, spatial mean and soft-max in float32.
+    :attr:`compute_dtype`, spatial mean and soft-max in float32. Both outputs are contiguous
+    (NCHW) whatever the conv stack's layout.
     """
 
     def __init__(self, scale: torch.Tensor, shift: torch.Tensor, layers: Iterable[nn.Module]):
@@ -45,6 +46,8 @@ class ServingModule(nn.Module):
         x = x.to(self.compute_dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        scores = self.layers(x).to(torch.float32)
+        # Back to NCHW here, not after the call: compiled, the layout change fuses with the cast
+        # instead of costing a copy of its own before the scores leave the device.
+        scores = self.layers(x).to(torch.float32).contiguous()
         probs = torch.softmax(scores.mean(dim=(2, 3)), dim=1)
         return probs, scores

@@ -34,7 +34,8 @@ usage() {
     exit 2
 }
 
-if [ -n "${PYTHON:-}" ]; then :
+CHOSEN_PYTHON=${PYTHON:-}
+if [ -n "$CHOSEN_PYTHON" ]; then :
 elif [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python
 else PYTHON=python3
 fi
@@ -59,17 +60,16 @@ dry_run=()
 for arg in "$@"; do
     if [ "$arg" = "--dry-run" ]; then dry_run=(--dry-run); fi
 done
+VERSION=$(python_version "$PYTHON")
+WHEELS=${VGGSERVE_WHEELS:-bench/wheels/cp${VERSION/./}}
+GPU_VENV=bench/results/venv-cp${VERSION/./}
+if [ -z "$CHOSEN_PYTHON" ] && [ -x "$GPU_VENV/bin/python" ]; then
+    PYTHON=$GPU_VENV/bin/python  # installed by an earlier run on this machine
+fi
 if [ "${1:-}" = "--check-deps" ]; then
     exec "$PYTHON" -m bench.gpu "$@"
 fi
 if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then usage; fi
-
-VERSION=$(python_version "$PYTHON")
-WHEELS=${VGGSERVE_WHEELS:-bench/wheels/cp${VERSION/./}}
-GPU_VENV=bench/results/venv-cp${VERSION/./}
-if [ -x "$GPU_VENV/bin/python" ] && [ -z "${VGGSERVE_NO_VENV:-}" ]; then
-    PYTHON=$GPU_VENV/bin/python  # installed by an earlier run on this machine
-fi
 
 # Exit status 3: Python modules are missing (wheels can bring them); 2: something else is.
 status=0
@@ -82,7 +82,7 @@ if [ "$status" -eq 3 ] && [ -d "$WHEELS" ]; then
     site_dirs=$("$PYTHON" -c 'import site; print(repr(site.getsitepackages()))')
     "$PYTHON" -m venv "$GPU_VENV"
     venv_site=$("$GPU_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-    echo "import site; [site.addsitedir(d) for d in $site_dirs]" > "$venv_site/vggserve-base.pth"
+    echo "import site; list(map(site.addsitedir, $site_dirs))" > "$venv_site/vggserve-base.pth"
     "$GPU_VENV/bin/python" -m pip install --quiet --no-index --find-links "$WHEELS" "${SERVING_DEPS[@]}"
     PYTHON=$GPU_VENV/bin/python
     status=0

@@ -210,9 +210,11 @@ class Budget:
             ) from None
 
     def left(self) -> float:
+        """Seconds until the deadline less the reserve (negative once past it)."""
         return self.deadline - DEADLINE_RESERVE_S - time.time()
 
     def allows(self, needed_s: float) -> bool:
+        """Whether a step of ``needed_s`` seconds still ends before the deadline."""
         return self.left() >= needed_s
 
 
@@ -287,6 +289,7 @@ def check_dependencies(device: str) -> tuple[list[str], int]:
 
 
 def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else "(no message)"
 
@@ -392,9 +395,11 @@ class CompileEvents(logging.Handler):
             self.counts[name] += value
 
     def snapshot(self) -> dict[str, int]:
+        """The counts so far."""
         return dict(self.counts)
 
     def since(self, before: dict[str, int]) -> dict[str, int]:
+        """The counts since ``before`` (a :meth:`snapshot`)."""
         return {name: self.counts[name] - before[name] for name in self.counts}
 
     @classmethod
@@ -421,6 +426,7 @@ RUNNING_SERVERS: set[ServerProcess] = set()
 
 
 def raise_stopped(signum: int, _frame) -> None:
+    """The SIGTERM handler: raise :class:`Stopped` wherever the run is."""
     raise Stopped(signal.Signals(signum).name)
 
 
@@ -780,6 +786,7 @@ def compare_accuracy(engine: list[dict], reference: list[dict], score_bound: flo
 
 
 def accuracy_row(arch, method, engine, reference, score_bound: float, gated: bool) -> dict:
+    """One row of the accuracy table; only ``gated`` engines get a PASS or FAIL."""
     row = {"model": arch, "method": method, **compare_accuracy(engine, reference, score_bound)}
     row["verdict"] = ("FAIL" if row["exceeded"] else "PASS") if gated else "–"
     return row
@@ -1144,12 +1151,14 @@ def fmt(value, spec: str = ".1f") -> str:
 
 
 def events_cells(events: dict | None) -> str:
+    """The recompiles and CUDA graphs cells of a table row (dashes where nothing compiles)."""
     if events is None:
         return "– | –"
     return f"{events['recompiles']} | {events['cuda_graphs']}"
 
 
 def verdict_cell(verdict: str) -> str:
+    """PASS and FAIL in bold; the baseline's dash as it is."""
     return f"**{verdict}**" if verdict in ("PASS", "FAIL") else verdict
 
 

@@ -80,10 +80,12 @@ if [ "$status" -eq 3 ] && [ -d "$WHEELS" ]; then
     # one's packages through --system-site-packages: this Python's site folders are added with
     # a .pth file instead, so its PyTorch is used and only what is missing is installed.
     site_dirs=$("$PYTHON" -c 'import site; print(repr(site.getsitepackages()))')
-    "$PYTHON" -m venv "$GPU_VENV"
+    # No pip of its own (ensurepip is not everywhere): this Python's pip installs into it.
+    "$PYTHON" -m venv --without-pip "$GPU_VENV"
     venv_site=$("$GPU_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     echo "import site; list(map(site.addsitedir, $site_dirs))" > "$venv_site/vggserve-base.pth"
-    "$GPU_VENV/bin/python" -m pip install --quiet --no-index --find-links "$WHEELS" "${SERVING_DEPS[@]}"
+    "$PYTHON" -m pip --python "$GPU_VENV/bin/python" install --quiet --no-index \
+        --find-links "$WHEELS" "${SERVING_DEPS[@]}"
     PYTHON=$GPU_VENV/bin/python
     status=0
     "$PYTHON" -m bench.gpu --check-deps ${dry_run[@]+"${dry_run[@]}"} || status=$?

@@ -99,8 +99,10 @@ def dry_run(tmp_path_factory):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=420,  # gpu.sh's own deadline is 300 s, then SIGINT, then SIGKILL 15 s later
-        env=bench_environment(),
+        timeout=560,
+        # Room for a cold compiler cache on a loaded machine, so that no step is skipped; the
+        # deadline itself is tested below.
+        env={**bench_environment(), "VGGSERVE_BENCH_TIMEOUT": "480"},
     )
     return result, out, time.monotonic() - started
 
@@ -108,7 +110,7 @@ def dry_run(tmp_path_factory):
 def test_gpu_dry_run_prints_the_gpu_tables_and_passes(dry_run):
     result, out, seconds = dry_run
     assert result.returncode == 0, result.stderr[-3000:]
-    assert seconds < 320  # gpu.sh's deadline (300 s from its start), then 15 s to SIGKILL
+    assert seconds < 500  # the deadline given to gpu.sh (480 s from its start)
     report = (out / "results.md").read_text()
     data = json.loads((out / "results.json").read_text())
     assert data["profile"] == "dry-run" and not data["skipped"], data["skipped"]

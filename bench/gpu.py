@@ -42,6 +42,7 @@ import contextlib
 import ctypes
 import http.client
 import importlib
+import importlib.util
 import json
 import logging
 import multiprocessing

@@ -593,15 +593,19 @@ def export_for_benchmark(workdir: Path, repo: Path, arch: str, seed: int, profil
         export_model(weights, arch=arch, repository=repo, name=arch, labels=labels, **sizes)
 
 
-def export_models(profile: Profile, workdir: Path, archs: list[str]) -> Path:
-    """Exports of ``archs`` into ``workdir/repo``, in parallel processes (stopped with the run)."""
-    repo = workdir / "repo"
+def export_models(profile: Profile, workdir: Path, archs: list[str]) -> dict[str, Path]:
+    """Exports of ``archs``, each into its own repository ``workdir/repo-ARCH`` (the exporter
+    rewrites the shared ``classify`` model of a repository through one staging file name, so two
+    processes must not write one repository), in parallel processes stopped with the run."""
+    repos = {arch: workdir / f"repo-{arch}" for arch in archs}
     # Spawned, not forked: this process has initialised CUDA (the peak measurement). Leaving the
     # pool (an interrupt included) terminates its processes.
     context = multiprocessing.get_context("spawn")
     with context.Pool(len(archs)) as pool:
         exports = {
-            arch: pool.apply_async(export_for_benchmark, (workdir, repo, arch, seed, profile))
+            arch: pool.apply_async(
+                export_for_benchmark, (workdir, repos[arch], arch, seed, profile)
+            )
             for seed, arch in enumerate(archs)
         }
         for arch, export in exports.items():
@@ -610,7 +614,7 @@ def export_models(profile: Profile, workdir: Path, archs: list[str]) -> Path:
             except Exception as exc:
                 tail = (workdir / f"export-{arch}.log").read_text()[-2000:]
                 raise SystemExit(f"error: export of {arch} failed ({exc}):\n{tail}") from None
-    return repo
+    return repos
 
 
 # --- the pipeline: eager baseline and our backend ----------------------------------------------
@@ -1304,14 +1308,23 @@ def run_steps(profile, args, device, archs, results, budget, events) -> None:
 
     with tempfile.TemporaryDirectory(prefix="vggserve-gpu-bench-") as tmp:
         workdir = Path(tmp)
-        log(f"exporting {', '.join(archs)} into {workdir}/repo")
-        repo = export_models(profile, workdir, archs)
+        log(f"exporting {', '.join(archs)} into {workdir}")
+        repos = export_models(profile, workdir, archs)
         results.data["export_s"] = round(time.monotonic() - started, 1)
         main_mode, *extra_modes = profile.compile_modes
         for arch in archs:  # the baseline and the backend's default mode first, for every model
             options = argparse.Namespace(eager=True, perturb_engine=args.perturb_engine)
             bench_model(
-                profile, arch, repo, workdir, device, peak, results, [main_mode], events, options
+                profile,
+                arch,
+                repos[arch],
+                workdir,
+                device,
+                peak,
+                results,
+                [main_mode],
+                events,
+                options,
             )
         first = archs[0]
         steps = [("http", None), ("stream", None)]
@@ -1328,9 +1341,11 @@ def run_steps(profile, args, device, archs, results, budget, events) -> None:
                 continue
             try:
                 if step == "http":
-                    bench_http(profile, repo, first, args.out, results, budget)
+                    bench_http(profile, repos[first], first, args.out, results, budget)
                     continue
-                measured = bench_stream(profile, repo, first, args.out, results, budget, multiple)
+                measured = bench_stream(
+                    profile, repos[first], first, args.out, results, budget, multiple
+                )
                 if multiple is None:
                     exact = measured["posteriors"]
                 elif exact is not None:
@@ -1349,7 +1364,16 @@ def run_steps(profile, args, device, archs, results, budget, events) -> None:
                 continue
             options = argparse.Namespace(eager=False, perturb_engine=args.perturb_engine)
             bench_model(
-                profile, first, repo, workdir, device, peak, results, [mode], events, options
+                profile,
+                first,
+                repos[first],
+                workdir,
+                device,
+                peak,
+                results,
+                [mode],
+                events,
+                options,
             )
 
 

@@ -1,25 +1,37 @@
-"""The GPU benchmark, one run in under 5 minutes: ``bench/gpu.sh OUT_DIR``.
+"""The GPU benchmark, one run of at most 5 minutes: ``bench/gpu.sh OUT_DIR``.
 
     bench/gpu.sh bench/results/gpu              # on a CUDA machine (an H200 here)
     bench/gpu.sh bench/results/dry --dry-run    # the same code path, tiny, on the CPU
+    bench/gpu.sh --check-deps                   # what the run needs, each missing item on a line
 
 What one run measures, all against a bf16 matrix-product peak measured in the same run
 (``torch.matmul`` 8192^3, best of several):
 
-1. VGG-16 and VGG-19 with random weights, exported in the run (``testkit.models``) into a
-   temporary repository; dense evaluation at Q = 256, 384, 512 with flips of a 4:3 image
-   (512x384 source), batch 1 and 32 images: images/s and TFLOP/s (FLOPs counted exactly from
-   the conv shapes) for PyTorch eager bf16 channels-last (the baseline a user would write) and
-   our torch backend (``inference/backends/torch.py``, each compile mode as time allows).
-2. The HTTP front end end to end: ``python -m server --backend torch`` on loopback, driven by
+1. VGG-16 and VGG-19 exported in the run into a temporary repository, with seeded random
+   weights whose last layer is scaled so that the test images get posteriors like a trained
+   model's (top-1 probability around 0.6, not the near-uniform ones of random weights), and
+   class names written by the run. Dense evaluation at Q = 256, 384, 512 with flips of 4:3
+   images (512x384 source), batches of 1 and 32 images: images/s and TFLOP/s (FLOPs counted
+   from the conv shapes) for PyTorch eager bf16 channels-last (the baseline a user would write)
+   and our torch backend (``inference/backends/torch.py``, each compile mode as time allows).
+2. Accuracy of each engine against float32 with TF32 off, on the same images: the score maps'
+   relative error, the largest posterior difference and top-1 agreement, each against a bound
+   derived from the format's rounding (``testkit/tolerances.py``). A bound exceeded marks the
+   row FAIL and the run exits 1.
+3. The HTTP front end end to end: ``python -m server --backend torch`` on loopback, driven by
    concurrent keep-alive clients (standard library only).
-3. First-request and steady-state latency over a stream of mixed aspect ratios, with exact
-   rescaling and, where the server has it, ``--shape-multiple 32`` (with the probability
-   difference it causes).
+4. First-request and steady-state latency over a stream of mixed aspect ratios, with exact
+   rescaling and with ``--shape-multiple 32`` (with the probability difference it causes).
+
+Every step counts the compiler's recompiles and the CUDA graphs recorded (the
+``recompiles`` and ``cudagraphs`` logs of ``TORCH_LOGS``; in the servers, after they answered
+ready, i.e. on the request path).
 
 Results go to OUT_DIR/results.json and OUT_DIR/results.md after every step, so a run stopped
-early still leaves what it measured; optional steps are skipped when the time budget
-(``--budget-s``) would be exceeded, and say so.
+early still leaves what it measured. ``bench/gpu.sh`` sets the run's deadline
+(``VGGSERVE_BENCH_DEADLINE``, epoch seconds) before it installs anything; optional steps that
+would not finish by then are skipped and say so. Every server the run starts is stopped on the
+way out, also on SIGINT and SIGTERM.
 """
 
 from __future__ import annotations
@@ -27,18 +39,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import http.client
+import importlib
 import importlib.util
 import json
+import logging
 import multiprocessing
 import os
 import platform
+import shutil
+import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,21 +66,59 @@ from pathlib import Path
 from testkit import REPOSITORY_ROOT
 from testkit.processes import ServerProcess
 
-# What the run imports beyond PyTorch, ONNX and ONNX Runtime (bench/gpu.sh brings wheels).
-REQUIRED_MODULES = (
-    "torch",
-    "onnx",
-    "onnxruntime",
-    "numpy",
-    "PIL",
-    "fastapi",
-    "uvicorn",
-    "multipart",
-    "prometheus_client",
-    "tritonclient.grpc",
-    "google.protobuf",
+# Every module the run imports that the standard library lacks: (module, what pip installs,
+# who needs it). Imported for real by the check, so a wheel that installs but cannot load (a
+# missing shared library) counts as missing. tests/test_bench_scripts.py checks that this covers
+# every third-party import of the code the run executes.
+DEPENDENCIES = (
+    ("torch", "torch", "the engines, the peak, torch.compile"),
+    ("numpy", "numpy", "everything"),
+    ("onnx", "onnx", "the export, and the torch backend's graph reader"),
+    ("onnxruntime", "onnxruntime", "the export checks its graph with it"),
+    ("PIL", "pillow", "image decoding"),
+    ("google.protobuf", "protobuf", "config.pbtxt"),
+    ("grpc", "grpcio", "tritonclient.grpc"),
+    ("tritonclient.grpc", "tritonclient[grpc]", "the repository reader's config messages"),
+    ("fastapi", "fastapi", "the HTTP front end"),
+    ("fastapi_offline", "fastapi-offline", "the front end's /docs assets (checked at start)"),
+    ("starlette", "starlette", "the HTTP front end"),
+    ("pydantic", "pydantic", "the front end's schemas"),
+    ("python_multipart", "python-multipart", "uploads"),
+    ("uvicorn", "uvicorn", "the HTTP server"),
+    ("h11", "h11", "the HTTP server's protocol"),
+    ("prometheus_client", "prometheus-client", "/metrics"),
 )
-BASE_MODULES = ("torch", "onnx", "onnxruntime", "numpy")  # expected on the machine
+# On the machine before anything is installed: bench/gpu.sh brings the rest as wheels.
+BASE_MODULES = ("torch", "numpy", "onnx", "onnxruntime")
+# Exit statuses of --check-deps: a Python module is missing (bench/gpu.sh can install wheels),
+# or something else is (a compiler, headers, the driver), or both (MISSING_MODULES).
+MISSING_MODULES, MISSING_OTHER = 3, 2
+COMPILE_CHECK_TIMEOUT_S = 240.0
+# ``x + 1`` through torch.compile in a fresh process with empty caches: the whole first-compile
+# path (Inductor, its C/C++ compiler and Python.h; on CUDA Triton, libcuda and ptxas) in seconds.
+COMPILE_CHECK = """
+import sys, time
+import torch
+device = sys.argv[1]
+x = torch.arange(8, dtype=torch.float32, device=device)
+start = time.perf_counter()
+y = torch.compile(lambda t: t + 1, fullgraph=True)(x)
+assert torch.equal(y.cpu(), torch.arange(1, 9, dtype=torch.float32)), y
+print(f"{time.perf_counter() - start:.1f}")
+"""
+
+DEADLINE_VARIABLE = "VGGSERVE_BENCH_DEADLINE"  # epoch seconds, set by bench/gpu.sh
+# Set to 1 by bench/gpu.sh once its --check-deps passed: the run does not compile x + 1 again.
+CHECKED_VARIABLE = "VGGSERVE_BENCH_DEPS_CHECKED"
+# Seconds kept before the deadline for stopping servers and writing results.
+DEADLINE_RESERVE_S = 15.0
+TORCH_LOGS = "recompiles,cudagraphs"
+RECOMPILE_MARK = "Recompiling function"  # dynamo's recompiles log, one per recompile
+CAPTURE_MARK = "Recording function="  # CUDA graph trees' cudagraphs log, one per graph recorded
+# The fp32 reference's top-1 posterior the classifier is scaled to: a trained VGG's typical
+# confidence, between near-uniform (random weights) and one-hot (where nothing can disagree).
+TARGET_TOP1_POSTERIOR = 0.6
+CALIBRATION_IMAGES = 4
 # Sources of the mixed-aspect-ratio stream (width, height): landscape, portrait, square, wide.
 # 4:3 landscape is left out: the server's warm-up (--torch-warmup) runs that shape already.
 STREAM_SIZES = (
@@ -86,8 +143,8 @@ class Profile:
     device: str
     dtype: str
     scales: tuple[int, ...]
-    source: tuple[int, int]  # (width, height) of the 4:3 image
-    batches: tuple[int, ...]  # images per batch
+    source: tuple[int, int]  # (width, height) of the 4:3 images
+    batches: tuple[int, ...]  # images per batch; the largest is also the accuracy check's
     iterations: dict[int, int]  # timed pipeline passes per batch size
     compile_modes: tuple[str, ...]  # the first is the backend's default and always runs
     peak_size: int
@@ -110,35 +167,55 @@ GPU = Profile(
     compile_modes=("reduce-overhead", "default", "off"),
     peak_size=8192,
 )
+# The GPU run's steps, engines and tables with tiny models on the CPU: bf16 convolutions (so the
+# accuracy bounds are the GPU's), Inductor compiling C++ instead of Triton, no CUDA graphs.
 DRY_RUN = Profile(
     name="dry-run",
     device="cpu",
-    dtype="fp32",
-    scales=(64, 96, 128),
-    source=(128, 96),
+    dtype="bf16",
+    # Q above the 64 crop: at Q = 64 the score map is 1x1, a size the compiler specialises,
+    # which the GPU run's sizes never make.
+    scales=(96, 128, 160),
+    source=(160, 120),
     batches=(1, 4),
     iterations={1: 2, 4: 1},
-    compile_modes=("off",),
+    compile_modes=("reduce-overhead", "off"),
     peak_size=1024,
     arch_overrides={"width": 0.125, "fc_width": 64, "crop": 64},
     http_clients=4,
     http_requests=8,
     stream_scale=0.2,
     stream_repeats=3,
-    server_start_s=120.0,
+    server_start_s=150.0,
 )
 
 
 class Budget:
-    """Seconds left of the run; optional steps ask before they start."""
+    """Seconds left before the run's deadline (less a reserve); optional steps ask first."""
 
-    def __init__(self, seconds: float) -> None:
-        self.deadline = time.monotonic() + seconds
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline  # epoch seconds
+
+    @classmethod
+    def from_environment(cls, fallback_s: float) -> Budget:
+        """The deadline bench/gpu.sh set (:data:`DEADLINE_VARIABLE`), else ``fallback_s`` from
+        now."""
+        value = os.environ.get(DEADLINE_VARIABLE)
+        if not value:
+            return cls(time.time() + fallback_s)
+        try:
+            return cls(float(value))
+        except ValueError:
+            raise SystemExit(
+                f"error: {DEADLINE_VARIABLE}={value!r} is not a time in epoch seconds"
+            ) from None
 
     def left(self) -> float:
-        return self.deadline - time.monotonic()
+        """Seconds until the deadline less the reserve (negative once past it)."""
+        return self.deadline - DEADLINE_RESERVE_S - time.time()
 
     def allows(self, needed_s: float) -> bool:
+        """Whether a step of ``needed_s`` seconds still ends before the deadline."""
         return self.left() >= needed_s
 
 
@@ -151,6 +228,7 @@ class Results:
             **header,
             "peak": None,
             "pipeline": [],
+            "accuracy": [],
             "http": [],
             "stream": [],
             "skipped": [],
@@ -162,6 +240,14 @@ class Results:
         self.data["skipped"].append(f"{what}: {why}")
         self.save()
 
+    def failures(self) -> list[str]:
+        """The accuracy rows that exceeded a bound, one line each."""
+        return [
+            f"{r['model']} {r['method']}: {'; '.join(r['exceeded'])}"
+            for r in self.data["accuracy"]
+            if r["verdict"] == "FAIL"
+        ]
+
     def save(self) -> None:
         (self.out / "results.json").write_text(json.dumps(self.data, indent=2) + "\n")
         (self.out / "results.md").write_text(markdown(self.data))
@@ -169,6 +255,215 @@ class Results:
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- what the run needs ------------------------------------------------------------------------
+
+
+def check_dependencies(device: str) -> tuple[list[str], int]:
+    """Every missing item the run on ``device`` (``cuda`` or ``cpu``) needs, one line each saying
+    what and how to get it, and the exit status for them (0 when nothing is missing)."""
+    missing_modules = []
+    lines = []
+    for module, requirement, user in DEPENDENCIES:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # ImportError, or a library the module loads that is absent
+            missing_modules.append(module)
+            if module in BASE_MODULES:
+                how = f"install it with the machine's CUDA build ({requirement})"
+            else:
+                how = (
+                    f"pip install '{requirement}', or offline: bench/gpu.sh installs it from "
+                    "bench/wheels (filled by bench/gpu.sh --fetch-wheels where there is internet)"
+                )
+            lines.append(
+                f"missing Python module {module} ({user}): {type(exc).__name__}: "
+                f"{first_line(exc)}; {how}"
+            )
+    lines += check_toolchain(device, torch_missing="torch" in missing_modules)
+    if not lines:  # the compile needs everything above: a missing item is already on a line
+        lines += check_compile(device)
+    if missing_modules:
+        return lines, MISSING_MODULES
+    return lines, MISSING_OTHER if lines else 0
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def check_toolchain(device: str, torch_missing: bool) -> list[str]:
+    """What Inductor needs on its first compile on ``device``: a compiler, Python.h, and on
+    CUDA the driver's library, Triton and a visible device."""
+    lines = []
+    if device == "cuda":
+        # Triton builds its CUDA launcher with a C compiler: $CC, else gcc, else clang.
+        if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+            lines.append(
+                "no C compiler (CC, gcc or clang on PATH): Triton builds its kernel launcher with "
+                "it on the first torch.compile; install gcc (apt-get install gcc) or set CC"
+            )
+    elif not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
+        lines.append(
+            "no C++ compiler (CXX, g++ or clang++ on PATH): Inductor compiles its CPU kernels "
+            "with it; install g++ (apt-get install g++) or set CXX"
+        )
+    include = Path(sysconfig.get_paths()["include"])
+    if not (include / "Python.h").is_file():
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        lines.append(
+            f"no Python.h in {include}: Inductor and Triton compile C extensions against this "
+            f"Python's headers; install them (apt-get install python{version}-dev)"
+        )
+    if torch_missing:
+        return lines
+    import torch
+
+    if device == "cuda":
+        try:
+            ctypes.CDLL("libcuda.so.1")
+        except OSError as exc:
+            lines.append(
+                f"libcuda.so.1 cannot be loaded ({exc}): the NVIDIA driver's library, which "
+                "Triton links against; install the driver or add its folder to LD_LIBRARY_PATH"
+            )
+        if importlib.util.find_spec("triton") is None:
+            lines.append(
+                f"missing Python module triton: torch.compile's GPU code generator; install the "
+                f"version PyTorch {torch.__version__} pins (pip install triton)"
+            )
+        if not torch.cuda.is_available():
+            lines.append(
+                f"no CUDA device is visible to PyTorch {torch.__version__} (built for CUDA "
+                f"{torch.version.cuda}); this benchmark needs a GPU. Check the script on the CPU "
+                "with: bench/gpu.sh OUT_DIR --dry-run"
+            )
+    return lines
+
+
+def check_compile(device: str) -> list[str]:
+    """``torch.compile`` of ``x + 1`` on ``device`` in a fresh process with empty caches."""
+    with tempfile.TemporaryDirectory(prefix="vggserve-compile-check-") as cache:
+        environment = {
+            **os.environ,
+            "TORCHINDUCTOR_CACHE_DIR": cache,
+            "TRITON_CACHE_DIR": str(Path(cache) / "triton"),
+        }
+        try:
+            result = subprocess.run(
+                [sys.executable, "-c", COMPILE_CHECK, device],
+                capture_output=True,
+                text=True,
+                timeout=COMPILE_CHECK_TIMEOUT_S,
+                env=environment,
+            )
+        except subprocess.TimeoutExpired:
+            return [
+                f"torch.compile of x + 1 on {device} took over {COMPILE_CHECK_TIMEOUT_S:.0f} s: "
+                "the compiler hangs or the machine is overloaded"
+            ]
+    if result.returncode != 0:
+        errors = [line for line in result.stderr.strip().splitlines() if line.strip()]
+        return [
+            f"torch.compile of x + 1 on {device} failed: {errors[-1] if errors else 'no output'} "
+            "(run the check alone to see the whole error: python -m bench.gpu --check-deps)"
+        ]
+    print(f"torch.compile of x + 1 on {device}: {result.stdout.strip()} s", file=sys.stderr)
+    return []
+
+
+# --- compile events: recompiles and CUDA graphs ------------------------------------------------
+
+
+def count_compile_events(text: str) -> dict[str, int]:
+    """Recompiles and CUDA graph recordings in ``TORCH_LOGS=recompiles,cudagraphs`` output."""
+    return {"recompiles": text.count(RECOMPILE_MARK), "cuda_graphs": text.count(CAPTURE_MARK)}
+
+
+class CompileEvents(logging.Handler):
+    """Counts this process's recompiles and CUDA graph recordings, as :func:`count_compile_events`
+    counts them in a server's log."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.counts = {"recompiles": 0, "cuda_graphs": 0}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for name, value in count_compile_events(record.getMessage()).items():
+            self.counts[name] += value
+
+    def snapshot(self) -> dict[str, int]:
+        """The counts so far."""
+        return dict(self.counts)
+
+    def since(self, before: dict[str, int]) -> dict[str, int]:
+        """The counts since ``before`` (a :meth:`snapshot`)."""
+        return {name: self.counts[name] - before[name] for name in self.counts}
+
+    @classmethod
+    def install(cls) -> CompileEvents:
+        """Turn on torch's recompiles and cudagraphs logs and count what they say."""
+        import torch
+
+        torch._logging.set_logs(recompiles=True, cudagraphs=True)
+        handler = cls()
+        # torch's logging stops propagation at these two: the artifacts are their children.
+        for name in ("torch._dynamo", "torch._inductor"):
+            logging.getLogger(name).addHandler(handler)
+        return handler
+
+
+# --- servers, and stopping them whatever happens -----------------------------------------------
+
+
+class Stopped(BaseException):
+    """SIGTERM: unwinds like Ctrl-C, so every ``finally`` runs and every server is stopped."""
+
+
+RUNNING_SERVERS: set[ServerProcess] = set()
+
+
+def raise_stopped(signum: int, _frame) -> None:
+    """The SIGTERM handler: raise :class:`Stopped` wherever the run is."""
+    raise Stopped(signal.Signals(signum).name)
+
+
+def kill_servers() -> None:
+    """SIGKILL every server the run started that is still running (none outlives the run)."""
+    for server in list(RUNNING_SERVERS):
+        server.kill()
+        RUNNING_SERVERS.discard(server)
+
+
+@contextlib.contextmanager
+def server_process(profile: Profile, args: list[str], log_dir: Path, budget: Budget):
+    """``python -m server ARGS`` on a free loopback port, counted as started once its backend is
+    ready (``/readyz``), with torch's recompiles and cudagraphs logs on; its log goes to
+    ``log_dir``. Yields the server and the compile events it logged before it was ready."""
+    start_timeout = max(1.0, min(profile.server_start_s, budget.left()))
+    server = ServerProcess(
+        *args,
+        log_dir=log_dir,
+        start_timeout=start_timeout,
+        health_path="/readyz",
+        environment={"TORCH_LOGS": TORCH_LOGS},
+    )
+    RUNNING_SERVERS.add(server)
+    try:
+        server.start()
+        yield server, count_compile_events(server.log())
+    finally:
+        server.stop(stop_timeout=10)
+        RUNNING_SERVERS.discard(server)
+
+
+def request_path_events(server: ServerProcess, at_ready: dict[str, int]) -> dict[str, int]:
+    """Recompiles and CUDA graphs the server logged since it answered ready."""
+    now = count_compile_events(server.log())
+    return {name: now[name] - at_ready[name] for name in now}
 
 
 # --- the work: FLOPs, peak, exported models ----------------------------------------------------
@@ -228,36 +523,98 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def export_logged(workdir: Path, repo: Path, arch: str, seed: int, overrides: dict) -> None:
-    """Export ``arch`` with random weights (seed ``seed``) into ``repo``; its weights stay in
-    ``workdir/ARCH.pth`` (the eager baseline loads them), its output in ``workdir``."""
-    from testkit.models import export_random_model
+def photo_like_image(width: int, height: int, seed: int):
+    """A photo-like uint8 (3, H, W) image drawn from ``seed`` (the same on every machine)."""
+    import numpy as np
+
+    from testkit.images import smooth_image
+
+    return np.ascontiguousarray(np.asarray(smooth_image(width, height, seed)).transpose(2, 0, 1))
+
+
+def scale_classifier(model, images, mean, std) -> float:
+    """Scale ``model``'s last layer (in place) so that the median top-1 posterior of ``images``
+    (uint8 (N, 3, H, W)) is :data:`TARGET_TOP1_POSTERIOR`; returns the factor.
+
+    The class scores are linear in the last layer's weight and bias, so the factor scales the
+    spatially averaged scores exactly and a bisection on it needs one forward pass.
+    """
+    import torch
+
+    from vgg.convert import to_fully_conv
+
+    with torch.inference_mode():
+        x = torch.from_numpy(images).float() / 255
+        x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+        logits = to_fully_conv(model).eval()(x).mean(dim=(2, 3)).double()
+    # Random layers shrink the signal by orders of magnitude: start from unit spread.
+    unit = 1 / float(logits.std(dim=1).mean())
+    low, high = unit / 1e3, unit * 1e3
+    for _ in range(60):  # geometric bisection over 6 decades
+        factor = (low * high) ** 0.5
+        top1 = torch.softmax(factor * logits, dim=1).max(dim=1).values.median()
+        low, high = (factor, high) if top1 < TARGET_TOP1_POSTERIOR else (low, factor)
+    last = model.classifier[-1]
+    with torch.no_grad():
+        last.weight.mul_(factor)
+        last.bias.mul_(factor)
+    return factor
+
+
+def export_for_benchmark(workdir: Path, repo: Path, arch: str, seed: int, profile: Profile) -> None:
+    """Export ``arch`` with seeded random weights and a scaled last layer into ``repo``, with
+    class names written here (``class_0000``, ...); the weights stay in ``workdir/ARCH.pth``
+    (the eager baseline loads them), the export's output in ``workdir/export-ARCH.log``."""
+    import numpy as np
+    import torch
+
+    from export.exporter import export_model
+    from vgg.models import IMAGENET_MEAN, IMAGENET_STD, build
 
     with (
-        open(workdir / f"export-{arch}.log", "w") as log,
-        contextlib.redirect_stdout(log),
-        contextlib.redirect_stderr(log),
+        open(workdir / f"export-{arch}.log", "w") as output,
+        contextlib.redirect_stdout(output),
+        contextlib.redirect_stderr(output),
     ):
-        export_random_model(repo, arch, arch, seed, overrides, weights_path=workdir / f"{arch}.pth")
+        torch.manual_seed(seed)
+        model = build(arch, **profile.arch_overrides).eval()
+        height, width = view_shapes(profile)[0]
+        images = np.stack([photo_like_image(width, height, i) for i in range(CALIBRATION_IMAGES)])
+        factor = scale_classifier(model, images, IMAGENET_MEAN, IMAGENET_STD)
+        print(f"last layer scaled by {factor:.4g}")
+        weights = workdir / f"{arch}.pth"
+        torch.save(model.state_dict(), weights)
+        classes = model.classifier[-1].out_features
+        labels = workdir / f"labels-{arch}.txt"
+        labels.write_text("".join(f"class_{i:04d}\n" for i in range(classes)))
+        sizes = {
+            k: v for k, v in profile.arch_overrides.items() if k in ("width", "fc_width", "crop")
+        }
+        export_model(weights, arch=arch, repository=repo, name=arch, labels=labels, **sizes)
 
 
-def export_models(profile: Profile, workdir: Path, archs: list[str]) -> Path:
-    """Random-weight exports of ``archs`` into ``workdir/repo``, in parallel processes."""
-    repo = workdir / "repo"
-    # Spawned, not forked: this process has initialised CUDA (the peak measurement).
+def export_models(profile: Profile, workdir: Path, archs: list[str]) -> dict[str, Path]:
+    """Exports of ``archs``, each into its own repository ``workdir/repo-ARCH`` (the exporter
+    rewrites the shared ``classify`` model of a repository through one staging file name, so two
+    processes must not write one repository), in parallel processes stopped with the run."""
+    repos = {arch: workdir / f"repo-{arch}" for arch in archs}
+    # Spawned, not forked: this process has initialised CUDA (the peak measurement). Leaving the
+    # pool (an interrupt included) terminates its processes.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(len(archs), mp_context=context) as pool:
+    with context.Pool(len(archs)) as pool:
         exports = {
-            arch: pool.submit(export_logged, workdir, repo, arch, seed, profile.arch_overrides)
+            arch: pool.apply_async(
+                export_for_benchmark, (workdir, repos[arch], arch, seed, profile)
+            )
             for seed, arch in enumerate(archs)
         }
         for arch, export in exports.items():
             try:
-                export.result()
+                export.get()
             except Exception as exc:
                 tail = (workdir / f"export-{arch}.log").read_text()[-2000:]
                 raise SystemExit(f"error: export of {arch} failed ({exc}):\n{tail}") from None
-    return repo
+    return repos
 
 
 # --- the pipeline: eager baseline and our backend ----------------------------------------------
@@ -284,7 +641,8 @@ class EagerBaseline:
         self.mean = torch.tensor(entry.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(entry.std, device=device).view(1, 3, 1, 1)
 
-    def run(self, views):
+    def outputs(self, views) -> dict:
+        """``probs`` and ``scores`` of uint8 ``views``, as the served graph names them."""
         torch = self.torch
         with torch.inference_mode():
             x = torch.from_numpy(views).to(self.device)
@@ -292,33 +650,41 @@ class EagerBaseline:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             scores = self.net(x).float()
-            return torch.softmax(scores.mean(dim=(2, 3)), dim=1).cpu().numpy()
+            probs = torch.softmax(scores.mean(dim=(2, 3)), dim=1)
+            return {"probs": probs.cpu().numpy(), "scores": scores.cpu().numpy()}
+
+    def run(self, views):
+        return self.outputs(views)["probs"]
 
 
-def make_batches(profile: Profile, batch: int, seed: int = 0) -> list:
-    """uint8 views per Q: ``batch`` images and their flips, (2 * batch, 3, H, W)."""
+def make_batches(profile: Profile, batch: int) -> list:
+    """uint8 views per Q: ``batch`` photo-like images and their flips, (2 * batch, 3, H, W)."""
     import numpy as np
 
-    rng = np.random.default_rng(seed)
     batches = []
     for height, width in view_shapes(profile):
-        images = rng.integers(0, 256, (batch, 3, height, width), dtype=np.uint8)
+        images = np.stack([photo_like_image(width, height, seed) for seed in range(batch)])
         batches.append(np.ascontiguousarray(np.concatenate([images, images[..., ::-1]])))
     return batches
 
 
-def time_pipeline(run, batches: list, iterations: int, warmup: int, device) -> dict:
-    """Seconds per full pass (every Q, flips averaged) after ``warmup`` passes; first pass apart."""
+def fused_posterior(probs_per_scale: list):
+    """The protocol's posterior: flips averaged, then scales."""
     import numpy as np
 
+    half = len(probs_per_scale[0]) // 2
+    return np.mean([(p[:half] + p[half:]) / 2 for p in probs_per_scale], axis=0)
+
+
+def time_pipeline(run, batches: list, iterations: int, warmup: int, device) -> dict:
+    """Seconds per full pass (every Q, flips averaged) after ``warmup`` passes; first pass apart."""
+
     def one_pass():
-        posteriors = [run(views) for views in batches]
-        half = len(batches[0]) // 2
-        return np.mean([(p[:half] + p[half:]) / 2 for p in posteriors], axis=0)
+        return fused_posterior([run(views) for views in batches])
 
     synchronize(device)
     start = time.perf_counter()
-    first = one_pass()
+    one_pass()
     first_s = time.perf_counter() - start
     for _ in range(max(0, warmup - 1)):
         one_pass()
@@ -328,7 +694,119 @@ def time_pipeline(run, batches: list, iterations: int, warmup: int, device) -> d
         start = time.perf_counter()
         one_pass()
         times.append(time.perf_counter() - start)
-    return {"first_s": first_s, "times": times, "posterior": first}
+    return {"first_s": first_s, "times": times}
+
+
+@contextlib.contextmanager
+def tf32_off() -> Iterator[None]:
+    """float32 matrix products and convolutions in float32, not TF32, inside the block (the
+    torch backend turns TF32 on for its bf16 engines; the setting is per process)."""
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def reference_outputs(module, batches: list, device) -> list[dict]:
+    """The float32 reference: the served graph's own module, eager, float32, TF32 off."""
+    import torch
+
+    module = module.to(device).eval()
+    outputs = []
+    with tf32_off(), torch.inference_mode():
+        for views in batches:
+            probs, scores = module(torch.from_numpy(views).to(device))
+            outputs.append({"probs": probs.cpu().numpy(), "scores": scores.cpu().numpy()})
+    return outputs
+
+
+def score_error_bound(module, precision: str) -> float:
+    """How far, relative to the largest score, an engine storing weights and activations in
+    ``precision`` (sums in float32) may put its class scores from the float32 reference.
+
+    Derived in testkit/tolerances.py (``score_bound``): each layer rounds its weights and its
+    output to ``precision``, a relative error of at most u (bf16: 8 significant bits, u = 2^-8 =
+    3.9e-3; fp16: 2^-11); the roundings are independent and of either sign, so over L weight
+    layers they add like a random walk, sqrt(2 L) u (VGG-16: 0.022, VGG-19: 0.024 in bf16), and
+    4x headroom for summation orders gives 0.088 and 0.096 of the largest score.
+    """
+    from testkit.tolerances import score_bound
+
+    return score_bound(module, precision, "fp32")
+
+
+def compare_accuracy(engine: list[dict], reference: list[dict], score_bound: float) -> dict:
+    """Score and posterior differences of ``engine`` against ``reference`` (per scale: probs
+    (N, C), scores (N, C, h, w)), and the bounds each must keep.
+
+    Scores: within ``score_bound`` of the largest reference score. Posteriors: the soft-max of
+    the spatial mean moves by at most half the largest score difference (``|dp_i| <= 2 p_i (1 -
+    p_i) max|dz|``; the means over positions, flips and scales never add), plus each side's
+    float32 soft-max rounding: posteriors that do not follow from the scores fail. Top-1: an
+    image whose reference leads its runner-up by more than twice that bound must keep its top-1.
+    """
+    import numpy as np
+
+    from testkit.tolerances import softmax_bound
+
+    largest = max(float(np.max(np.abs(r["scores"]))) for r in reference)
+    score_difference = max(
+        float(np.max(np.abs(e["scores"] - r["scores"])))
+        for e, r in zip(engine, reference, strict=True)
+    )
+    relative = score_difference / largest
+    classes = reference[0]["probs"].shape[1]
+    dp_bound = score_difference / 2 + 2 * softmax_bound(classes)
+    ours = fused_posterior([e["probs"] for e in engine])
+    theirs = fused_posterior([r["probs"] for r in reference])
+    max_dp = float(np.max(np.abs(ours - theirs)))
+    agree = ours.argmax(axis=1) == theirs.argmax(axis=1)
+    ranked = np.sort(theirs, axis=1)
+    clear = ranked[:, -1] - ranked[:, -2] > 2 * dp_bound
+    exceeded = []
+    if relative > score_bound:
+        exceeded.append(f"score error {relative:.3g} of the largest score > {score_bound:.3g}")
+    if max_dp > dp_bound:
+        exceeded.append(f"max |dp| {max_dp:.3g} > {dp_bound:.3g}, more than its scores explain")
+    if np.any(clear & ~agree):
+        exceeded.append(f"top-1 changed on {int(np.sum(clear & ~agree))} clear-margin images")
+    return {
+        "images": len(ours),
+        "relative_score_error": relative,
+        "max_abs_dp": max_dp,
+        "top1_agreement": float(np.mean(agree)),
+        "clear_margin_images": int(np.sum(clear)),
+        "reference_top1_posterior": {
+            "min": float(theirs.max(axis=1).min()),
+            "median": float(np.median(theirs.max(axis=1))),
+            "max": float(theirs.max(axis=1).max()),
+        },
+        "bounds": {"relative_score_error": score_bound, "max_abs_dp": dp_bound},
+        "exceeded": exceeded,
+    }
+
+
+def accuracy_row(arch, method, engine, reference, score_bound: float, gated: bool) -> dict:
+    """One row of the accuracy table; only ``gated`` engines get a PASS or FAIL."""
+    row = {"model": arch, "method": method, **compare_accuracy(engine, reference, score_bound)}
+    row["verdict"] = ("FAIL" if row["exceeded"] else "PASS") if gated else "–"
+    return row
+
+
+def perturb_last_layer(module, relative: float) -> None:
+    """Scale the last convolution's weights by ``1 + relative`` (``--perturb-engine``: shows
+    that the accuracy check fails when an engine is wrong)."""
+    import torch
+
+    last = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():
+        last.weight.mul_(1 + relative)
+        if last.bias is not None:
+            last.bias.mul_(1 + relative)
 
 
 def probs_runner(backend, model: str):
@@ -355,69 +833,90 @@ def pipeline_row(profile, model, method, batch, timing, flops_per_image, peak) -
     }
 
 
-def bench_model(profile, arch, repo, workdir, device, peak, results, modes, eager=True) -> None:
-    """The eager baseline (``eager``), then our backend in each compile mode of ``modes``."""
-    import numpy as np
+def bench_model(profile, arch, repo, workdir, device, peak, results, modes, events, options):
+    """The float32 reference, the eager baseline (``options.eager``), then our backend in each
+    compile mode of ``modes``: speed per batch size, accuracy on the largest batch."""
     import torch
 
     from inference import read_repository
     from inference.backends.torch import TorchBackend, load_modules
 
     entries = read_repository(repo, [arch])
-    modules = load_modules(entries)
-    flops = sum(conv_flops(modules[arch].layers, 2, h, w) for h, w in view_shapes(profile))
+    reference_module = load_modules(entries)[arch]
+    flops = sum(conv_flops(reference_module.layers, 2, h, w) for h, w in view_shapes(profile))
     results.data.setdefault("flops_per_image", {})[arch] = flops
     batches = {batch: make_batches(profile, batch) for batch in profile.batches}
-    reference = {}
+    accuracy_batch = max(profile.batches)
+    reference = reference_outputs(reference_module, batches[accuracy_batch], device)
+    bound = score_error_bound(reference_module, profile.dtype)
+    del reference_module
+    empty_cache(device)
 
-    baseline = EagerBaseline(profile, arch, workdir / f"{arch}.pth", entries[arch], device)
-    for batch in profile.batches:
-        timing = time_pipeline(baseline.run, batches[batch], profile.iterations[batch], 3, device)
-        reference[batch] = timing["posterior"]
-        if eager:
-            row = pipeline_row(
-                profile, arch, f"eager {profile.dtype} (baseline)", batch, timing, flops, peak
+    if options.eager:
+        baseline = EagerBaseline(profile, arch, workdir / f"{arch}.pth", entries[arch], device)
+        method = f"eager {profile.dtype} (baseline)"
+        for batch in profile.batches:
+            timing = time_pipeline(
+                baseline.run, batches[batch], profile.iterations[batch], 3, device
             )
+            row = pipeline_row(profile, arch, method, batch, timing, flops, peak)
+            row.update(recompiles=None, cuda_graphs=None)  # eager: nothing is compiled
             results.data["pipeline"].append(row)
             log(f"{arch} eager batch {batch}: {row['images_per_s']:.1f} images/s")
             results.save()
-    del baseline
-    empty_cache(device)
+        engine = [baseline.outputs(views) for views in batches[accuracy_batch]]
+        results.data["accuracy"].append(
+            accuracy_row(arch, method, engine, reference, bound, gated=False)
+        )
+        results.save()
+        del baseline
+        empty_cache(device)
 
     for mode in modes:
+        # Each backend gets its own float32 modules: the backend converts them in place.
+        modules = load_modules(entries)
+        if options.perturb_engine:
+            perturb_last_layer(modules[arch], options.perturb_engine)
         backend = TorchBackend(modules, device=str(device), dtype=profile.dtype, compile=mode)
+        method = f"torch backend {profile.dtype}, compile {mode}"
+        run = probs_runner(backend, arch)
         for batch in profile.batches:
-            run = probs_runner(backend, arch)
+            before = events.snapshot()
             warmup = 3  # the 2nd pass records CUDA graphs, the 3rd replays them
             timing = time_pipeline(run, batches[batch], profile.iterations[batch], warmup, device)
-            row = pipeline_row(
-                profile,
-                arch,
-                f"torch backend {profile.dtype}, compile {mode}",
-                batch,
-                timing,
-                flops,
-                peak,
-            )
-            # Same weights, same input: how far our posterior is from the eager baseline's.
-            row["max_abs_diff_vs_eager"] = float(
-                np.max(np.abs(timing["posterior"] - reference[batch]))
-            )
+            row = pipeline_row(profile, arch, method, batch, timing, flops, peak)
+            row.update(events.since(before))
             eager_row = next(
-                r
-                for r in results.data["pipeline"]
-                if r["model"] == arch and r["batch"] == batch and "eager" in r["method"]
+                (
+                    r
+                    for r in results.data["pipeline"]
+                    if r["model"] == arch and r["batch"] == batch and "eager" in r["method"]
+                ),
+                None,
             )
-            row["speedup_vs_eager"] = row["images_per_s"] / eager_row["images_per_s"]
+            if eager_row:
+                row["speedup_vs_eager"] = row["images_per_s"] / eager_row["images_per_s"]
             results.data["pipeline"].append(row)
             log(
-                f"{arch} {row['method']} batch {batch}: {row['images_per_s']:.1f} images/s "
-                f"({row['speedup_vs_eager']:.2f}x eager; first pass {row['first_pass_s']:.1f} s)"
+                f"{arch} {method} batch {batch}: {row['images_per_s']:.1f} images/s, first pass "
+                f"{row['first_pass_s']:.1f} s, {row['recompiles']} recompiles, "
+                f"{row['cuda_graphs']} CUDA graphs"
             )
             results.save()
+        # The largest batch's shapes ran above: this pass compiles and records nothing new.
+        engine = [
+            backend.run(arch, views, ("probs", "scores")) for views in batches[accuracy_batch]
+        ]
+        row = accuracy_row(arch, method, engine, reference, bound, gated=True)
+        results.data["accuracy"].append(row)
+        log(
+            f"{arch} {method} against fp32: score error {row['relative_score_error']:.2e}, max "
+            f"|dp| {row['max_abs_dp']:.2e}, top-1 agreement {100 * row['top1_agreement']:.0f}%: "
+            f"{row['verdict']}"
+        )
+        results.save()
         asyncio.run(backend.close())
-        del backend
-        modules = load_modules(entries)  # fresh float32 modules for the next mode
+        del backend, modules
         torch._dynamo.reset()
         empty_cache(device)
 
@@ -445,15 +944,6 @@ def multipart(data: bytes) -> tuple[bytes, str]:
         head + data + f"\r\n--{boundary}--\r\n".encode(),
         f"multipart/form-data; boundary={boundary}",
     )
-
-
-def server_process(
-    profile: Profile, args: list[str], log_dir: Path, budget: Budget
-) -> ServerProcess:
-    """``python -m server ARGS`` on a free loopback port, counted as started once its backend is
-    ready (``/readyz``); its log goes to ``log_dir``."""
-    start_timeout = min(profile.server_start_s, budget.left())
-    return ServerProcess(*args, log_dir=log_dir, start_timeout=start_timeout, health_path="/readyz")
 
 
 def get(port: int, path: str) -> tuple[int, bytes]:
@@ -531,11 +1021,11 @@ def bench_http(profile, repo, arch, out, results, budget) -> None:
     mode = profile.compile_modes[0]
     images = [jpeg(*profile.source, seed=i) for i in range(8)]
     scales = ",".join(map(str, profile.scales))
-    # Micro-batches as large as the backend's batch-32 runs (64 views), where the server has them.
+    # Micro-batches as large as the backend's largest-batch runs, where the server has them.
     extra = ["--max-batch", str(2 * max(profile.batches))] if server_has_flag("--max-batch") else []
     with server_process(
         profile, server_args(profile, repo, arch, mode, extra), out / f"http-{arch}", budget
-    ) as running:
+    ) as (running, at_ready):
         client = Client(running.port, f"scales={scales}&flip=true")
         for data in images[:3]:  # the warm-up covered the shapes; this warms the connections
             client.classify(data)
@@ -548,6 +1038,7 @@ def bench_http(profile, repo, arch, out, results, budget) -> None:
             start = time.perf_counter()
             list(pool.map(client.classify, load))
             seconds = time.perf_counter() - start
+        request_path = request_path_events(running, at_ready)
     backend_rows = [
         r
         for r in results.data["pipeline"]
@@ -568,11 +1059,14 @@ def bench_http(profile, repo, arch, out, results, budget) -> None:
         "vs_backend_best": (profile.http_requests / seconds / best_backend)
         if best_backend
         else None,
+        "warmup_events": at_ready,
+        "request_path_events": request_path,
     }
     results.data["http"].append(row)
     log(
         f"{arch} HTTP: {row['images_per_s']:.1f} images/s, one client p50 "
-        f"{row['latency_ms_p50_one_client']:.1f} ms"
+        f"{row['latency_ms_p50_one_client']:.1f} ms; on the request path "
+        f"{request_path['recompiles']} recompiles, {request_path['cuda_graphs']} CUDA graphs"
     )
     results.save()
 
@@ -616,7 +1110,7 @@ def bench_stream(profile, repo, arch, out, results, budget, multiple: int | None
         server_args(profile, repo, arch, mode, extra),
         out / f"stream-{arch}-{multiple or 'exact'}",
         budget,
-    ) as running:
+    ) as (running, at_ready):
         classes = int(json.loads(get(running.port, "/v1/models")[1])["models"][0]["classes"])
         client = Client(running.port, f"scales={scales}&flip=true&top_k={classes}")
         for index in order:
@@ -628,6 +1122,7 @@ def bench_stream(profile, repo, arch, out, results, budget, multiple: int | None
             for item in body["per_model"][arch]:
                 probs[item["index"]] = item["probability"]
             posteriors.append(probs)
+        request_path = request_path_events(running, at_ready)
     steady = [ms for k, values in by_occurrence.items() if k >= 3 for ms in values]
     row = {
         "model": arch,
@@ -640,11 +1135,14 @@ def bench_stream(profile, repo, arch, out, results, budget, multiple: int | None
         "second_ms_mean": float(np.mean(by_occurrence[2])) if 2 in by_occurrence else None,
         "steady_ms_p50": float(np.median(steady)) if steady else None,
         "server_start_s": running.start_seconds,
+        "request_path_events": request_path,
     }
     results.data["stream"].append(row)
     log(
         f"{arch} stream ({label}): first {row['first_ms_mean']:.1f} ms mean, steady "
-        f"{row['steady_ms_p50'] or float('nan'):.1f} ms p50, {row['distinct_shapes']} shapes"
+        f"{row['steady_ms_p50'] or float('nan'):.1f} ms p50, {row['distinct_shapes']} shapes; on "
+        f"the request path {request_path['recompiles']} recompiles, "
+        f"{request_path['cuda_graphs']} CUDA graphs"
     )
     results.save()
     return {"row": row, "posteriors": np.array(posteriors)}
@@ -657,7 +1155,21 @@ def fmt(value, spec: str = ".1f") -> str:
     return "–" if value is None else format(value, spec)
 
 
+def events_cells(events: dict | None) -> str:
+    """The recompiles and CUDA graphs cells of a table row (dashes where nothing compiles)."""
+    if events is None:
+        return "– | –"
+    return f"{events['recompiles']} | {events['cuda_graphs']}"
+
+
+def verdict_cell(verdict: str) -> str:
+    """PASS and FAIL in bold; the baseline's dash as it is."""
+    return f"**{verdict}**" if verdict in ("PASS", "FAIL") else verdict
+
+
 def markdown(data: dict) -> str:
+    """results.md: the header, then one table per step (the same columns on a GPU and in a dry
+    run), then what was skipped and the notes."""
     lines = [
         f"# bench/gpu.sh ({data['profile']})",
         "",
@@ -680,39 +1192,63 @@ def markdown(data: dict) -> str:
     if data["pipeline"]:
         lines += [
             "",
-            "| model | method | batch | images/s | TFLOP/s | % of peak | vs eager | pass ms p50 | first pass s |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| model | method | batch | images/s | TFLOP/s | % of peak | vs eager | pass ms p50 "
+            "| first pass s | recompiles | CUDA graphs |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in data["pipeline"]:
             share = None if r["fraction_of_peak"] is None else 100 * r["fraction_of_peak"]
+            events = None if r.get("recompiles") is None else r
             lines.append(
                 f"| {r['model']} | {r['method']} | {r['batch']} | {r['images_per_s']:.1f} | "
                 f"{r['tflops']:.2f} | {fmt(share)} | {fmt(r.get('speedup_vs_eager'), '.2f')} | "
-                f"{r['pass_ms_p50']:.1f} | {r['first_pass_s']:.1f} |"
+                f"{r['pass_ms_p50']:.1f} | {r['first_pass_s']:.1f} | {events_cells(events)} |"
+            )
+    if data["accuracy"]:
+        lines += [
+            "",
+            "| model | method | images | score error (bound) | max abs Δp (bound) | top-1 agreement "
+            "| fp32 top-1 p (min / median / max) | accuracy |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for r in data["accuracy"]:
+            bounds, top1 = r["bounds"], r["reference_top1_posterior"]
+            lines.append(
+                f"| {r['model']} | {r['method']} | {r['images']} | "
+                f"{r['relative_score_error']:.2e} ({bounds['relative_score_error']:.1e}) | "
+                f"{r['max_abs_dp']:.2e} ({bounds['max_abs_dp']:.1e}) | "
+                f"{100 * r['top1_agreement']:.1f}% | "
+                f"{top1['min']:.2f} / {top1['median']:.2f} / {top1['max']:.2f} | "
+                f"{verdict_cell(r['verdict'])} |"
             )
     if data["http"]:
         lines += [
             "",
-            "| model | path | clients | images/s | TFLOP/s | vs backend (best batch) | one-client p50 ms | start s |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| model | path | clients | images/s | TFLOP/s | vs backend (best batch) "
+            "| one-client p50 ms | start s | recompiles after ready | CUDA graphs after ready |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in data["http"]:
             lines.append(
                 f"| {r['model']} | {r['method']} | {r['clients']} | {r['images_per_s']:.1f} | "
                 f"{r['tflops']:.2f} | {fmt(r['vs_backend_best'], '.2f')} | "
-                f"{r['latency_ms_p50_one_client']:.1f} | {r['server_start_s']:.0f} |"
+                f"{r['latency_ms_p50_one_client']:.1f} | {r['server_start_s']:.0f} | "
+                f"{events_cells(r['request_path_events'])} |"
             )
     if data["stream"]:
         lines += [
             "",
-            "| model | rescaling | requests | input shapes | first-request ms (mean / max) | 2nd ms | steady p50 ms | max |Δp| vs exact |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| model | rescaling | requests | input shapes | first-request ms (mean / max) "
+            "| 2nd ms | steady p50 ms | max abs Δp vs exact | recompiles after ready "
+            "| CUDA graphs after ready |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in data["stream"]:
             lines.append(
                 f"| {r['model']} | {r['rescaling']} | {r['requests']} | {r['distinct_shapes']} | "
                 f"{r['first_ms_mean']:.1f} / {r['first_ms_max']:.1f} | {fmt(r['second_ms_mean'])} | "
-                f"{fmt(r['steady_ms_p50'])} | {fmt(r.get('max_abs_diff_vs_exact'), '.2e')} |"
+                f"{fmt(r['steady_ms_p50'])} | {fmt(r.get('max_abs_diff_vs_exact'), '.2e')} | "
+                f"{events_cells(r['request_path_events'])} |"
             )
     for title, items in (("Skipped", data["skipped"]), ("Notes", data["notes"])):
         if items:
@@ -740,12 +1276,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--budget-s",
         type=float,
         default=280.0,
-        help="optional steps are skipped past this (default: %(default)s)",
+        help=f"without {DEADLINE_VARIABLE} (bench/gpu.sh sets it), the run's deadline is this "
+        "many seconds from now; optional steps that would pass it are skipped "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--check-deps",
         action="store_true",
-        help="only check that every module the run imports is installed",
+        help="only check that every module, compiler and library the run needs is there "
+        "(with --dry-run: for the CPU run)",
+    )
+    parser.add_argument(
+        "--perturb-engine",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="scale the served engines' last layer by 1 + R, to see the accuracy check fail",
     )
     args = parser.parse_args(argv)
     if args.out is None and not args.check_deps:
@@ -753,32 +1299,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def check_deps() -> list[str]:
-    missing = []
-    for name in REQUIRED_MODULES:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except ModuleNotFoundError:
-            found = False
-        if not found:
-            missing.append(name)
-    return missing
-
-
-def run_steps(profile, args, device, archs, results, budget, started) -> None:
-    """Peak, exports, the pipeline per model, HTTP, the streams, other compile modes."""
+def run_steps(profile, args, device, archs, results, budget, events) -> None:
+    """Peak, exports, the pipeline and accuracy per model, HTTP, the streams, other modes."""
+    started = time.monotonic()
     results.data["peak"] = peak = measure_peak(profile, device)
     log(f"matrix peak: {peak['tflops']:.1f} TFLOP/s ({peak['dtype']} {peak['n']}^3)")
     results.save()
 
     with tempfile.TemporaryDirectory(prefix="vggserve-gpu-bench-") as tmp:
         workdir = Path(tmp)
-        log(f"exporting {', '.join(archs)} with random weights into {workdir}/repo")
-        repo = export_models(profile, workdir, archs)
+        log(f"exporting {', '.join(archs)} into {workdir}")
+        repos = export_models(profile, workdir, archs)
         results.data["export_s"] = round(time.monotonic() - started, 1)
         main_mode, *extra_modes = profile.compile_modes
         for arch in archs:  # the baseline and the backend's default mode first, for every model
-            bench_model(profile, arch, repo, workdir, device, peak, results, [main_mode])
+            options = argparse.Namespace(eager=True, perturb_engine=args.perturb_engine)
+            bench_model(
+                profile,
+                arch,
+                repos[arch],
+                workdir,
+                device,
+                peak,
+                results,
+                [main_mode],
+                events,
+                options,
+            )
         first = archs[0]
         steps = [("http", None), ("stream", None)]
         if server_has_flag("--shape-multiple"):
@@ -794,9 +1341,11 @@ def run_steps(profile, args, device, archs, results, budget, started) -> None:
                 continue
             try:
                 if step == "http":
-                    bench_http(profile, repo, first, args.out, results, budget)
+                    bench_http(profile, repos[first], first, args.out, results, budget)
                     continue
-                measured = bench_stream(profile, repo, first, args.out, results, budget, multiple)
+                measured = bench_stream(
+                    profile, repos[first], first, args.out, results, budget, multiple
+                )
                 if multiple is None:
                     exact = measured["posteriors"]
                 elif exact is not None:
@@ -810,46 +1359,40 @@ def run_steps(profile, args, device, archs, results, budget, started) -> None:
             except RuntimeError as exc:  # a server that failed: keep what was measured
                 results.skip(f"{step} {multiple or ''}".strip(), str(exc))
         for mode in extra_modes:  # other compile modes of the backend, as time allows
-            if not budget.allows(90):
+            if not budget.allows(90 if profile.device == "cuda" else 30):
                 results.skip(f"{first} torch backend compile {mode}", f"{budget.left():.0f} s left")
                 continue
-            bench_model(profile, first, repo, workdir, device, peak, results, [mode], eager=False)
+            options = argparse.Namespace(eager=False, perturb_engine=args.perturb_engine)
+            bench_model(
+                profile,
+                first,
+                repos[first],
+                workdir,
+                device,
+                peak,
+                results,
+                [mode],
+                events,
+                options,
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    missing = check_deps()
-    base = [name for name in missing if name in BASE_MODULES]
-    if base:
-        print(
-            f"error: missing {', '.join(base)}: this run needs PyTorch, ONNX and ONNX Runtime "
-            "installed",
-            file=sys.stderr,
-        )
-        return 2
-    if missing:
-        print(
-            f"error: missing Python modules: {', '.join(missing)}; bench/gpu.sh installs them "
-            "from bench/results/wheels (fill it with bench/gpu.sh --fetch-wheels where there is "
-            "internet)",
-            file=sys.stderr,
-        )
-        return 2
-    if args.check_deps:
-        return 0
+    # Before anything slow: the deadline counts from bench/gpu.sh's start when it set one.
+    budget = Budget.from_environment(args.budget_s)
+    # SIGTERM unwinds like Ctrl-C: the finally below stops every server this run started.
+    signal.signal(signal.SIGTERM, raise_stopped)
+    profile = DRY_RUN if args.dry_run else GPU
+    if args.check_deps or os.environ.get(CHECKED_VARIABLE) != "1":
+        lines, status = check_dependencies(profile.device)
+        for line in lines:
+            print(f"error: {line}", file=sys.stderr)
+        if status or args.check_deps:
+            return status
     import torch
 
-    profile = DRY_RUN if args.dry_run else GPU
-    if profile.device == "cuda" and not torch.cuda.is_available():
-        print(
-            f"error: no CUDA device is visible to PyTorch {torch.__version__} (built for CUDA "
-            f"{torch.version.cuda}); this benchmark needs a GPU. Check the script on the CPU "
-            "with: bench/gpu.sh OUT_DIR --dry-run",
-            file=sys.stderr,
-        )
-        return 2
-    budget = Budget(args.budget_s)
-    started = time.monotonic()
+    events = CompileEvents.install()
     device = torch.device("cuda:0" if profile.device == "cuda" else "cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     archs = [a.strip() for a in args.models.split(",") if a.strip()]
@@ -868,26 +1411,32 @@ def main(argv: list[str] | None = None) -> int:
         "batches": list(profile.batches),
         "dtype": profile.dtype,
         "settings": {k: v for k, v in asdict(profile).items() if k != "name"},
+        "perturb_engine": args.perturb_engine,
         "load_average": os.getloadavg(),
     }
     results = Results(args.out, header)
     results.save()
-    log(f"{profile.name} run on {header['device_name']}, budget {args.budget_s:.0f} s")
+    started = time.monotonic()
+    log(f"{profile.name} run on {header['device_name']}, {budget.left():.0f} s to the deadline")
 
     try:
-        run_steps(profile, args, device, archs, results, budget, started)
-    except KeyboardInterrupt:  # bench/gpu.sh's time limit: what finished is already saved
-        results.data["notes"].append(
-            f"stopped at {time.monotonic() - started:.0f} s by the time limit"
-        )
+        run_steps(profile, args, device, archs, results, budget, events)
+    except (KeyboardInterrupt, Stopped) as exc:  # bench/gpu.sh's time limit, Ctrl-C, SIGTERM
+        why = "the time limit or Ctrl-C" if isinstance(exc, KeyboardInterrupt) else exc
+        results.data["notes"].append(f"stopped at {time.monotonic() - started:.0f} s by {why}")
         results.save()
-        print(f"stopped by the time limit; partial results in {args.out}", file=sys.stderr)
+        print(f"stopped by {why}; partial results in {args.out}", file=sys.stderr)
         return 130
+    finally:
+        kill_servers()
     results.data["total_s"] = round(time.monotonic() - started, 1)
     results.save()
     print(markdown(results.data))
+    failures = results.failures()
+    for failure in failures:
+        print(f"accuracy FAIL: {failure}", file=sys.stderr)
     log(f"done in {results.data['total_s']:.0f} s: {args.out / 'results.md'}")
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ GENERATED = (
     "runs/",
     "model_repository/",
     "bench/results/",
+    "bench/wheels/",
     "loadtest/results/",
     "loadtest/.models/",
 )

@@ -298,10 +298,13 @@ def write_classify(repository: Path) -> Path:
 
 
 def _replace(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text)
-    with open(staging, "rb") as f:
+    # A staging name of its own: two exports into one repository each write classify's files.
+    descriptor, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(descriptor, "w") as f:
+        f.write(text)
+        f.flush()
         os.fsync(f.fileno())
+    os.chmod(staging, 0o644)
     os.replace(staging, path)
 
 

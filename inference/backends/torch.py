@@ -220,7 +220,8 @@ class TorchBackend:
             torch.set_num_threads(threads)
         if on_cuda and tune_cuda:
             torch.backends.cudnn.benchmark = False  # see the module docstring
-            # fp32 means fp32: TF32 would break the 1e-5 agreement with ONNX Runtime.
+            # fp32 means fp32: TF32 would break the 1e-5 agreement with ONNX Runtime. These are
+            # torch's process-wide switches: a bf16 backend turns TF32 on for the whole process.
             exact = self.dtype == torch.float32
             torch.backends.cudnn.allow_tf32 = not exact
             torch.backends.cuda.matmul.allow_tf32 = not exact

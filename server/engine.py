@@ -113,8 +113,13 @@ def engine_opener(
 
         async def open_onnxruntime() -> Backend:
             # Loading the graphs takes seconds for full-size VGG: keep the loop responsive.
+            arena_mb = settings.onnxruntime_arena_mb
             backend = await asyncio.to_thread(
-                OnnxRuntimeBackend, models, settings.threads, device=settings.onnxruntime_device
+                OnnxRuntimeBackend,
+                models,
+                settings.threads,
+                device=settings.onnxruntime_device,
+                arena_bytes=None if arena_mb is None else arena_mb << 20,
             )
             log.info("%s", backend.describe())
             return with_batching(backend, settings, backend.on_gpu, on_batch)

@@ -168,6 +168,16 @@ class Settings:
         "(auto included) fails the backend with one line saying why, never a silent CPU fallback",
         choices=ONNXRUNTIME_DEVICES,
     )
+    onnxruntime_arena_mb: int | None = setting(
+        None,
+        "with --backend onnxruntime on the CPU: MiB of activation memory kept between runs, so "
+        "a run reuses mapped pages instead of page-faulting fresh ones; a larger run borrows "
+        "more and gives it back when it ends; 0: nothing kept (every run page-faults)",
+        parse=int,
+        check=at_least_zero,
+        metavar="MIB",
+        default_text="the activations of two 4:3 views at the largest serving scale",
+    )
     torch_device: str = setting(
         "auto",
         "with --backend torch: auto (the first CUDA device, else the CPU), cpu, cuda or cuda:N",

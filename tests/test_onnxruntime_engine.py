@@ -9,12 +9,15 @@ not obtained stops with one line, and a GPU session runs on one intra-op thread.
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import subprocess
+import sys
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from inference.backends import onnxruntime as engine
 from inference.backends.onnxruntime import (
@@ -27,6 +30,7 @@ from inference.backends.onnxruntime import (
 from inference.cores import available_cores
 from inference.repository import ModelEntry
 from server.settings import Settings
+from testkit import REPOSITORY_ROOT
 
 REAL_VERSION = importlib.metadata.version
 # ONNX Runtime's own warning when a CUDA provider is passed to this CPU build: the fallback the
@@ -232,3 +236,121 @@ def test_server_flag_chooses_the_device():
         f"--onnxruntime-device cuda: the GPU was asked for but this ONNX Runtime has no "
         f"{CUDA_PROVIDER}"
     )
+
+
+# --- the CPU arena kept between runs -----------------------------------------------------------
+
+WIDE = 64  # channels of the arena graph's convolutions: VGG's first block
+ARENA_PROBE = """
+import json, resource, sys
+import numpy as np
+from pathlib import Path
+from server.heap import fix_mmap_threshold
+fix_mmap_threshold()  # as the server does
+from inference.backends.onnxruntime import OnnxRuntimeBackend
+from inference.repository import ModelEntry
+
+graph, arena_mib = sys.argv[1], int(sys.argv[2])
+entry = ModelEntry("wide", 1, Path(graph), ("a",) * 64, "vgg16", (0.5,) * 3, (0.5,) * 3, 1,
+                   "fp32", (128,))
+backend = OnnxRuntimeBackend({"wide": entry}, threads=1, arena_bytes=arena_mib << 20)
+
+def rss():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) * 1024
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+rng = np.random.default_rng(0)
+small = rng.integers(0, 256, (2, 3, 96, 128), dtype=np.uint8)
+big = rng.integers(0, 256, (2, 3, 320, 427), dtype=np.uint8)
+backend.run("wide", small)
+base = rss()
+before = faults()
+first = backend.run("wide", small)["probs"]
+repeat_faults = faults() - before
+backend.run("wide", big)
+after_big = rss()
+last = backend.run("wide", small)["probs"]
+print(json.dumps({"base": base, "after_big": after_big, "repeat_faults": repeat_faults,
+                  "arena": backend.arena_bytes, "same": bool((first == last).all()),
+                  "probs": first.tolist()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def wide_graph(tmp_path_factory):
+    """Two 3x3 convolutions of 64 channels: activations of 64 fp32 per pixel, as VGG's first."""
+    rng = np.random.default_rng(1)
+    weights = [
+        numpy_helper.from_array(rng.normal(0, 0.1, (WIDE, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(0, 0.05, (WIDE, WIDE, 3, 3)).astype(np.float32), "w2"),
+    ]
+    image = helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 3, "H", "W"])
+    probs = helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", WIDE])
+    nodes = [
+        helper.make_node("Cast", ["image"], ["pixels"], to=TensorProto.FLOAT),
+        helper.make_node("Conv", ["pixels", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("ReduceMean", ["c2"], ["means"], axes=[2, 3], keepdims=0),
+        helper.make_node("Softmax", ["means"], ["probs"], axis=1),
+    ]
+    graph = helper.make_graph(nodes, "wide", [image], [probs], initializer=weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path_factory.mktemp("wide") / "model.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def probe_arena(graph, arena_mib: int) -> dict:
+    """The probe in a process of its own: the arena is ONNX Runtime's, one per process."""
+    out = subprocess.run(
+        [sys.executable, "-c", ARENA_PROBE, str(graph), str(arena_mib)],
+        cwd=REPOSITORY_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def test_kept_arena_reuses_its_pages_and_returns_what_a_larger_run_borrowed(wide_graph):
+    # One activation of the small batch: 2 x 64 x 96 x 128 fp32 = 6 MiB, 1536 pages of 4 KiB;
+    # the run's activations fit the 16 MiB kept. The big batch's are 2 x 64 x 320 x 427 fp32
+    # = 67 MiB each, more than the kept region: the run borrows and gives back.
+    activation_pages = 2 * WIDE * 96 * 128 * 4 // 4096
+    kept = probe_arena(wide_graph, 16)
+    none = probe_arena(wide_graph, 0)
+    assert kept["arena"] == 16 << 20 and none["arena"] == 0
+    # Without an arena each run page-faults its activations afresh (two live at once); with it
+    # a repeated run touches mapped pages: well under one activation's pages.
+    assert none["repeat_faults"] > activation_pages
+    assert kept["repeat_faults"] < activation_pages / 4
+    # After the big run resident memory is back within the kept 16 MiB plus 8 MiB for Python's
+    # own allocations, far below the 134 MiB of the big run's two live activations.
+    assert kept["after_big"] - kept["base"] < (16 + 8) << 20
+    # The arena changes where buffers live, not the arithmetic: bit for bit the same posteriors.
+    assert kept["same"] and kept["probs"] == none["probs"]
+
+
+def test_arena_budget_is_two_views_at_the_largest_scale(wide_graph, tiny_graph):
+    wide = ModelEntry(
+        "wide",
+        1,
+        wide_graph,
+        ("a",) * WIDE,
+        "vgg16",
+        (0.5,) * 3,
+        (0.5,) * 3,
+        1,
+        "fp32",
+        (256, 384, 512),
+    )
+    # 2.5 live activations of 64 fp32 per pixel, over two 512 x 683 views.
+    assert engine.arena_budget({"wide": wide}) == int(2.5 * 64 * 2 * 512 * 683 * 4)
+    # A graph without convolutions: the image's 3 channels.
+    assert engine.first_conv_width(tiny_graph) == 3

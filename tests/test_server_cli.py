@@ -80,6 +80,7 @@ def test_no_flags_give_the_defaults_every_deployment_relies_on():
         "auto",
     )
     assert settings.torch_warmup is None  # none eager, 640x480,480x640 compiled
+    assert (settings.onnxruntime_device, settings.onnxruntime_arena_mb) == ("auto", None)
     assert (settings.batch_delay_ms, settings.max_batch, settings.shape_multiple) == (
         None,
         32,
@@ -100,6 +101,7 @@ def test_every_flag_reaches_its_setting():
             *("--max-concurrency", "2", "--max-queue", "0", "--batch-delay-ms", "0"),
             *("--max-batch", "4", "--shape-multiple", "32", "--jpeg-draft"),
             *("--grace-period", "2.5", "--log-level", "debug"),
+            *("--onnxruntime-device", "cpu", "--onnxruntime-arena-mb", "64"),
         ]
     )
     assert settings == Settings(
@@ -126,6 +128,8 @@ def test_every_flag_reaches_its_setting():
         jpeg_draft=True,
         grace_period=2.5,
         log_level="debug",
+        onnxruntime_device="cpu",
+        onnxruntime_arena_mb=64,
     )
     assert settings.max_upload_bytes == 1.5 * 2**20
 
@@ -199,6 +203,7 @@ def test_the_command_exits_2_on_a_bad_value():
         ({"torch_dtype": "fp8"}, "torch_dtype must be one of auto, bf16, fp16, fp32, got 'fp8'"),
         ({"scales": ()}, "scales must be one or more positive integers (e.g. 256,384,512), got ()"),
         ({"torch_warmup": ((640, 0),)}, "torch_warmup must be (width, height) pairs"),
+        ({"onnxruntime_arena_mb": -1}, "onnxruntime_arena_mb must be 0 or more, got -1"),
     ],
 )
 def test_settings_built_in_code_are_checked_the_same_way(values, message):

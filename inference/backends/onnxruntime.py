@@ -13,11 +13,13 @@ import asyncio
 import ctypes
 import importlib.metadata
 import importlib.util
+import math
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from inference.cores import available_cores
@@ -41,11 +43,11 @@ class EngineError(RuntimeError):
 def session_options(threads: int | None = None) -> ort.SessionOptions:
     """Options for dynamic input shapes on a shared machine.
 
-    The CPU arena and memory patterns are off: with a new input shape per image size patterns
-    grow RSS request after request, and the arena holds the largest run's activations for good
-    (``bench/memory.py``, small VGG-16: 1087 MiB with it against 138 MiB without). Without it
-    every activation is a fresh, page-faulted mapping: about 1.25x a default session's time on
-    full VGG-16 (``python -m bench.ort_allocation``), the price of that memory.
+    Memory patterns are off: they plan one block per input shape, and with a new shape per image
+    size RSS grows request after request. ONNX Runtime's own CPU arena is off too: it grows by
+    doubling regions and never returns them (``bench/memory.py``, small VGG-16: 1087 MiB against
+    138 MiB). :class:`OnnxRuntimeBackend` turns on the bounded, shared arena of
+    :func:`register_cpu_arena` instead.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -56,6 +58,68 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     options.enable_mem_pattern = False
     options.log_severity_level = 3
     return options
+
+
+# The activations of a run live in one arena region of this many bytes (see register_cpu_arena).
+_cpu_arena_bytes: int | None = None
+# Freeing, at the end of each run, every arena region but the first (the kept one).
+SHRINK_ARENA = ("memory.enable_memory_arena_shrinkage", "cpu:0")
+# Per pixel of a view: the first conv's input and output (fp32) live at once, with 1/4 to spare.
+LIVE_ACTIVATIONS = 2.5
+# The view a budget is sized for: a 4:3 photo, two views (the image and its flip) per run.
+ASPECT, VIEWS = 4 / 3, 2
+
+
+def register_cpu_arena(size_bytes: int) -> int:
+    """Register the process's shared CPU arena: one region of ``size_bytes`` kept between runs.
+
+    Without an arena every activation is a fresh mapping, page-faulted on every run: about 1.25x
+    a default session's time on full VGG-16 (``python -m bench.ort_allocation``). ONNX Runtime's
+    default arena removes that but grows by doubling regions and keeps them for good. This one
+    is created with its first region as large as a typical run's activations; that region is
+    never shrunk, so its pages stay mapped, and each run ends by freeing the regions a larger
+    run added. Resident memory stays within ``size_bytes`` beyond the weights, whatever the
+    image sizes. The arena is ONNX Runtime's environment allocator, one per process: the first
+    registration's size holds; returns it.
+    """
+    global _cpu_arena_bytes
+    if _cpu_arena_bytes is not None:
+        return _cpu_arena_bytes
+    info = ort.OrtMemoryInfo(
+        "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
+    )
+    # initial_chunk_size_bytes is a C int: at most 2 GiB - 1.
+    size = max(1 << 20, min(int(size_bytes), (1 << 31) - 1))
+    config = {"arena_extend_strategy": 0, "initial_chunk_size_bytes": size}  # kNextPowerOfTwo
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(config))
+    _cpu_arena_bytes = size
+    return size
+
+
+def first_conv_width(path: Path) -> int:
+    """Output channels of the graph's first convolution, the widest activations per pixel (3,
+    the image's channels, for a graph without one)."""
+    model = onnx.load(str(path), load_external_data=False)
+    shapes = {tensor.name: tensor.dims for tensor in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in shapes:  # int8 QDQ weights
+            shapes[node.output[0]] = shapes[node.input[0]]
+        weight = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}.get(node.op_type)
+        if weight is not None and node.input[weight] in shapes:
+            return max(3, int(shapes[node.input[weight]][0]))
+    return 3
+
+
+def arena_budget(models: Mapping[str, ModelEntry]) -> int:
+    """Bytes of activations of the largest run a served model makes at its largest serving
+    scale on a 4:3 photo (two views): the arena region kept between runs."""
+    budget = 0
+    for entry in models.values():
+        scale = max(entry.scales)
+        pixels = VIEWS * scale * math.ceil(scale * ASPECT)
+        width = first_conv_width(entry.onnx_path)
+        budget = max(budget, int(LIVE_ACTIVATIONS * width * pixels * np.dtype(np.float32).itemsize))
+    return budget
 
 
 def installed_runtimes() -> dict[str, str]:
@@ -194,17 +258,27 @@ class OnnxRuntimeBackend:
         threads: int | None = None,
         concurrency: int | None = None,
         device: str = "auto",
+        arena_bytes: int | None = None,
     ) -> None:
         self._providers = providers(device)
         self.threads: dict[str, int] = {}
+        self.arena_bytes = 0
+        self.run_options: dict[str, ort.RunOptions | None] = {}
+        on_cpu = [entry for entry in models.values() if self._for(entry)[0] == CPU_PROVIDER]
+        if on_cpu and arena_bytes != 0:
+            wanted = arena_bytes if arena_bytes is not None else arena_budget(models)
+            self.arena_bytes = register_cpu_arena(wanted)
         sessions = {}
         for name, entry in models.items():
             chosen = self._for(entry)
             on_cuda = chosen[0] != CPU_PROVIDER
+            self.run_options[name] = None
             if on_cuda:
                 options = session_options(threads or GPU_INTRA_OP_THREADS)
             else:
                 options = session_options(threads)
+                if self.arena_bytes:
+                    self._use_arena(options, name)
             self.threads[name] = options.intra_op_num_threads
             sessions[name] = ort.InferenceSession(str(entry.onnx_path), options, providers=chosen)
             if on_cuda:
@@ -222,6 +296,7 @@ class OnnxRuntimeBackend:
         backend._providers = [CPU_PROVIDER]
         options = session_options(threads)
         backend.threads = dict.fromkeys(graphs, options.intra_op_num_threads)
+        backend.arena_bytes, backend.run_options = 0, {}
         sessions = {
             name: ort.InferenceSession(
                 graph if isinstance(graph, bytes) else str(graph), options, providers=[CPU_PROVIDER]
@@ -239,6 +314,15 @@ class OnnxRuntimeBackend:
         self._workers = concurrency or (2 if on_gpu else 1)
         self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="ort")
 
+    def _use_arena(self, options: ort.SessionOptions, model: str) -> None:
+        options.enable_cpu_mem_arena = True
+        options.add_session_config_entry("session.use_env_allocators", "1")
+        # Weights outside the arena: they would pin its kept region for the session's life.
+        options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+        run_options = ort.RunOptions()
+        run_options.add_run_config_entry(*SHRINK_ARENA)
+        self.run_options[model] = run_options
+
     def _for(self, entry: ModelEntry) -> list:
         # int8 QDQ graphs are for CPUs (VNNI kernels); on CUDA they would fall back op by op.
         return [CPU_PROVIDER] if entry.precision == "int8" else self._providers
@@ -249,13 +333,16 @@ class OnnxRuntimeBackend:
             f"{name} on {session.get_providers()[0]} ({self.threads[name]} intra-op threads)"
             for name, session in self.sessions.items()
         )
-        return f"onnxruntime {ort.__version__}: {where}; {self._workers} concurrent runs"
+        arena = f"; CPU arena kept {self.arena_bytes / 2**20:.0f} MiB" if self.arena_bytes else ""
+        return f"onnxruntime {ort.__version__}: {where}; {self._workers} concurrent runs{arena}"
 
     def run(
         self, model: str, images: np.ndarray, outputs: Sequence[str] = ("probs",)
     ) -> dict[str, np.ndarray]:
         """Synchronous inference (for scripts, training validation and benchmarks)."""
-        results = self.sessions[model].run(list(outputs), {"image": images})
+        results = self.sessions[model].run(
+            list(outputs), {"image": images}, self.run_options.get(model)
+        )
         return dict(zip(outputs, results, strict=True))
 
     async def infer(

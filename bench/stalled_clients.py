@@ -208,6 +208,10 @@ def main() -> None:
                 connections_held = server_connections(server.pid)
                 spooled_held = len(open_files_under(server.pid, spool))
                 late, unanswered = collect_answers(held, 2 * timeout_s + 1 + HANG_BOUND_S)
+                all_released = time.monotonic()
+                # As many after as before: tells the stalls' cost from the machine's other load.
+                wanted = len(steady.samples) + args.steady_before + 1
+                wait_for(lambda: len(steady.samples) >= wanted, "steady requests after")
             finally:
                 steady.stop()
             for stall in unanswered:
@@ -242,9 +246,11 @@ def main() -> None:
     expected_refused = max(0, args.sockets - (limit - 1))
     before_ms = steady.latencies_ms(steady.samples[WARMUP_REQUESTS][0], stalls_began)
     during_ms = steady.latencies_ms(silent_since, first_release)
+    after_ms = steady.latencies_ms(all_released, float("inf"))
     statuses = Counter(status for *_, status in steady.samples)
     p50_before = percentile(before_ms, 50)
     p50_during = percentile(during_ms, 50) if during_ms else float("nan")
+    p50_after = percentile(after_ms, 50)
     kinds = Counter(plan)
     upper_s = 2 * timeout_s + 1
 
@@ -289,8 +295,9 @@ def main() -> None:
             connections_held <= limit and spooled_held == accepted["spooled"],
         ),
         (
-            "steady p50 ms: before / while all held (requests)",
-            f"{p50_before:.1f} ({len(before_ms)}) / {p50_during:.1f} ({len(during_ms)})",
+            "steady p50 ms: before / while all held / after (requests)",
+            f"{p50_before:.1f} ({len(before_ms)}) / {p50_during:.1f} ({len(during_ms)}) / "
+            f"{p50_after:.1f} ({len(after_ms)})",
             "",
             None,
         ),

@@ -3,7 +3,8 @@
 Without a GPU the GPU benchmark stops at once, saying what to do, instead of failing late or
 measuring the CPU by mistake; its dry run takes the same code path on the CPU (torch.compile
 included) and prints the same tables; its dependency check names every missing item; its
-accuracy check fails when an engine is wrong.
+accuracy check fails when an engine is wrong. Every benchmark shows its command line and has a
+row in docs/benchmarks.md; the stalled-clients benchmark meets its own targets at a small scale.
 """
 
 from __future__ import annotations
@@ -371,3 +372,46 @@ def test_recompiles_are_counted_from_torchs_logs():
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["1", "0"]
     assert "Recompiling function" in result.stderr  # the log a server writes, counted the same
+
+
+# --- every benchmark: its command, and a row in docs/benchmarks.md -----------------------------
+
+BENCHMARKS = sorted(
+    path.stem for path in (ROOT / "bench").glob("*.py") if "def main(" in path.read_text()
+)
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_every_benchmark_names_its_command_and_is_listed_in_the_docs(name):
+    docstring = ast.get_docstring(ast.parse((ROOT / "bench" / f"{name}.py").read_text())) or ""
+    command = f"bench.{name}"
+    assert command in docstring or f"bench/{name}.sh" in docstring, (
+        f"bench/{name}.py: the module docstring shows no `python -m {command}` command line"
+    )
+    listing = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert f"python -m {command}`" in listing or f"bench/{name}.sh`" in listing, (
+        f"docs/benchmarks.md: no row for `python -m {command}` in the table of benchmarks"
+    )
+
+
+# --- bench/stalled_clients.py at a small scale --------------------------------------------------
+
+
+def test_stalled_clients_benchmark_meets_its_targets_at_a_small_scale(tmp_path):
+    """50 stalls against --max-connections 40 and --client-timeout 2: the script's own targets
+    (11 = 50 - 39 refusals, as the steady client holds one connection; 408s and closes between
+    2 and 5 s; every steady request 200; nothing held after) decide its exit status."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.stalled_clients", "--sockets", "50"]
+        + ["--client-timeout", "2", "--max-connections", "40", "--workdir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = table_rows(result.stdout, "| measure | value | target | met |")
+    met = {row[0]: row[3] for row in rows}
+    assert met["refused at once: 503, JSON naming --max-connections, Retry-After"] == "yes"
+    assert met["s from last byte to answer: min / median / max"] == "yes"
+    assert "**NO**" not in met.values() and list(met.values()).count("yes") == 8, rows

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import select
 import shutil
 import socket
@@ -25,10 +24,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 import requests
 import uvicorn
@@ -37,19 +34,25 @@ from server.connections import protocol_class
 from testkit.images import build_image_set
 from testkit.processes import ServerProcess
 from testkit.raw_http import all_read, read_response
+from testkit.stalled_clients import (
+    BOUNDARY,
+    CONTENT_TYPE,
+    MULTIPART_HEAD,
+    collect_answers,
+    mixed_plan,
+    open_files_under,
+    open_stalls,
+    post_head,
+    server_connections,
+)
 
 LIMIT_MB = 4
 CLIENT_TIMEOUT_S = 2
 MAX_CONNECTIONS = 50
 UPLOAD_MB = 25
 HANG_BOUND_S = 120
+STALLS = 300
 PHOTO = build_image_set()[0]
-BOUNDARY = "vggserve-b"
-MULTIPART_HEAD = (
-    f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="big.jpg"\r\n'
-    "Content-Type: image/jpeg\r\n\r\n"
-).encode()
-CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
 # Direct to the server: an http_proxy in the environment must not intercept 127.0.0.1.
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -143,27 +146,6 @@ def test_every_client_hears_the_413_of_an_oversized_upload(server, client, tmp_p
     assert httpx.get(f"{server.url}/healthz", trust_env=False).status_code == 200
 
 
-def server_connections(pid: int) -> int:
-    """TCP connections the server process holds open (its listening socket not counted)."""
-    return sum(
-        1
-        for connection in psutil.Process(pid).net_connections(kind="tcp")
-        if connection.status != psutil.CONN_LISTEN
-    )
-
-
-def spooled_files(pid: int, folder) -> list[str]:
-    """Files under ``folder`` the server process has open, unlinked ones (spooled uploads)
-    included."""
-    paths = []
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            paths.append(os.readlink(fd))
-        except OSError:  # closed meanwhile
-            continue
-    return [path for path in paths if path.startswith(f"{folder}/")]
-
-
 def in_flight(url: str) -> float:
     for line in httpx.get(f"{url}/metrics", trust_env=False).text.splitlines():
         if line.startswith("vggserve_in_flight_requests "):
@@ -177,31 +159,6 @@ def wait_for(condition, what: str, timeout: float = HANG_BOUND_S) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"{what} within {timeout} s"
         time.sleep(0.02)
-
-
-def post_head(port: int, length: int) -> bytes:
-    return (
-        f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Content-Type: {CONTENT_TYPE}\r\nContent-Length: {length}\r\n\r\n"
-    ).encode()
-
-
-def stalled_sockets(port: int) -> list[tuple[str, socket.socket, float]]:
-    """300 connections that stop sending, each with what it stopped in and when its last byte
-    was sent: ``nothing`` (no byte), ``head`` (half a request head), ``body`` (a head declaring
-    1 MB, then 4 KB of it) and ``spooled`` (3 MB declared, 1.5 MB sent: Starlette spools it to
-    a temporary file)."""
-    partial_head = post_head(port, 2**20)[:40]
-    body_start = post_head(port, 2**20) + MULTIPART_HEAD + bytes(4096)
-    spooled_start = post_head(port, 3 * 2**20) + MULTIPART_HEAD + bytes(3 * 2**19)
-    plan = ["nothing"] * 10 + ["head"] * 140 + ["body"] * 140 + ["spooled"] * 10
-    starts = {"nothing": b"", "head": partial_head, "body": body_start, "spooled": spooled_start}
-    sockets = []
-    for kind in plan:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=HANG_BOUND_S)
-        sock.sendall(starts[kind])
-        sockets.append((kind, sock, time.monotonic()))
-    return sockets
 
 
 def test_stalled_clients_are_answered_408_and_released_while_others_are_served(
@@ -223,36 +180,25 @@ def test_stalled_clients_are_answered_408_and_released_while_others_are_served(
 
     steady = threading.Thread(target=steady_client, daemon=True)
     steady.start()
+    plan = mixed_plan(STALLS)
     try:
-        sockets = stalled_sockets(server.port)
-        wait_for(lambda: all_read([sock for _, sock, _ in sockets]), "every stall read")
+        stalls = open_stalls(server.port, plan, HANG_BOUND_S)
+        wait_for(lambda: all_read([stall.sock for stall in stalls]), "every stall read")
         silent_since = time.monotonic()  # every stalled socket is silent from here at the latest
-        assert server_connections(server.pid) >= len(sockets)
+        assert server_connections(server.pid) >= len(stalls)
         wait_for(
-            lambda: len(spooled_files(server.pid, temporary_dir)) == 10,
-            "the 10 uploads over 1 MB spooled to temporary files",
+            lambda: len(open_files_under(server.pid, temporary_dir)) == plan.count("spooled"),
+            "the uploads over 1 MB spooled to temporary files",
         )
-        answers: dict[str, list[bytes]] = {"nothing": [], "head": [], "body": [], "spooled": []}
-        first_answer = None
-        # Seconds from each socket's last byte sent to its answer or close.
-        silences: list[float] = []
-        pending = {sock.fileno(): (kind, sock, sent) for kind, sock, sent in sockets}
-        deadline = time.monotonic() + HANG_BOUND_S
-        while pending:
-            assert time.monotonic() < deadline, f"{len(pending)} stalled sockets still open"
-            readable, _, _ = select.select(list(pending), [], [], 1)
-            for fileno in readable:
-                kind, sock, sent = pending.pop(fileno)
-                first_answer = first_answer or time.monotonic()
-                silences.append(time.monotonic() - sent)
-                exchange = read_response(sock)
-                assert exchange.closed or exchange.response is not None, kind
-                answers[kind].append(exchange.received)
-                sock.close()
-        released = time.monotonic()
+        released, pending = collect_answers(stalls, HANG_BOUND_S)
+        assert not pending, f"{len(pending)} stalled sockets still open"
+        all_released = time.monotonic()
     finally:
         stop.set()
         steady.join(HANG_BOUND_S)
+    first_answer = released[0].at
+    # Seconds from each socket's last byte sent to its answer or close.
+    silences = [answer.silence_s for answer in released]
     # Nothing is released early: the server reads a byte after it is sent and answers
     # CLIENT_TIMEOUT_S after reading it, so no silence is shorter (asyncio's timers never fire
     # early).
@@ -261,11 +207,16 @@ def test_stalled_clients_are_answered_408_and_released_while_others_are_served(
     # one timeout late; 1 s more for a loaded 2-core machine to write 300 answers.
     assert max(silences) <= 2 * CLIENT_TIMEOUT_S + 1, max(silences)
     print(
-        f"300 stalled sockets released {min(silences):.1f} to {max(silences):.1f} s after "
-        f"their last byte ({released - silent_since:.1f} s after the last stall was read); "
+        f"{STALLS} stalled sockets released {min(silences):.1f} to {max(silences):.1f} s after "
+        f"their last byte ({all_released - silent_since:.1f} s after the last stall was read); "
         f"{len(served)} steady requests"
     )
-    assert answers["nothing"] == [b""] * 10  # no request begun: nothing to answer
+    answers: dict[str, list[bytes]] = {"nothing": [], "head": [], "body": [], "spooled": []}
+    for answer in released:
+        assert answer.exchange.closed or answer.exchange.response is not None, answer.stall.kind
+        answers[answer.stall.kind].append(answer.exchange.received)
+    # No request begun: nothing to answer.
+    assert answers["nothing"] == [b""] * plan.count("nothing")
     for kind in ("head", "body", "spooled"):
         for received in answers[kind]:
             assert received.startswith(b"HTTP/1.1 408 "), (kind, received[:200])
@@ -275,7 +226,7 @@ def test_stalled_clients_are_answered_408_and_released_while_others_are_served(
     assert served and {status for *_, status in served} == {200}, served
     assert any(began >= silent_since and ended <= first_answer for began, ended, _ in served)
     wait_for(lambda: server_connections(server.pid) == 0, "every socket of the stalls closed")
-    wait_for(lambda: not spooled_files(server.pid, temporary_dir), "spooled uploads freed")
+    wait_for(lambda: not open_files_under(server.pid, temporary_dir), "spooled uploads freed")
     assert set(temporary_dir.iterdir()) == files_before
     assert in_flight(server.url) == 0
 

@@ -1107,8 +1107,14 @@ def bench_http(profile, repo, arch, out, results, budget) -> None:
     mode = profile.compile_modes[0]
     images = [jpeg(*profile.source, seed=i) for i in range(8)]
     scales = ",".join(map(str, profile.scales))
-    # Micro-batches as large as the backend's largest-batch runs, where the server has them.
-    extra = ["--max-batch", str(http_max_batch(profile))] if server_has_flag("--max-batch") else []
+    # Micro-batches as large as the backend's largest-batch runs, where the server has them;
+    # the delay is the GPU's default, given so that the dry run batches (and warms up the
+    # micro-batch sizes) as a GPU server does.
+    extra = (
+        ["--max-batch", str(http_max_batch(profile)), "--batch-delay-ms", "2"]
+        if server_has_flag("--max-batch")
+        else []
+    )
     with server_process(
         profile, server_args(profile, repo, arch, mode, extra), out / f"http-{arch}", budget
     ) as (running, at_ready):

@@ -23,9 +23,12 @@ What one run measures, all against a bf16 matrix-product peak measured in the sa
 4. First-request and steady-state latency over a stream of mixed aspect ratios, with exact
    rescaling and with ``--shape-multiple 32`` (with the probability difference it causes).
 
-Every step counts the compiler's recompiles and the CUDA graphs recorded (the
-``recompiles`` and ``cudagraphs`` logs of ``TORCH_LOGS``; in the servers, after they answered
-ready, i.e. on the request path).
+The torch backend compiles and captures its CUDA graphs at warm-up, in the benchmark as in the
+server, so the timed passes measure what a warm server does. Every step counts what would stall
+the request path after warm-up: the compiler's recompiles (the ``recompiles`` log of
+``TORCH_LOGS``) and the batch shapes the backend runs eagerly because warm-up did not compile
+them; and the CUDA graphs the backend captured (its ``stats``; in the servers, their
+``vggserve_torch_*`` gauges on /metrics, read when they answered ready and at the end).
 
 Results go to OUT_DIR/results.json and OUT_DIR/results.md after every step, so a run stopped
 early still leaves what it measured. ``bench/gpu.sh`` sets the run's deadline
@@ -112,9 +115,17 @@ DEADLINE_VARIABLE = "VGGSERVE_BENCH_DEADLINE"  # epoch seconds, set by bench/gpu
 CHECKED_VARIABLE = "VGGSERVE_BENCH_DEPS_CHECKED"
 # Seconds kept before the deadline for stopping servers and writing results.
 DEADLINE_RESERVE_S = 15.0
-TORCH_LOGS = "recompiles,cudagraphs"
-RECOMPILE_MARK = "Recompiling function"  # dynamo's recompiles log, one per recompile
-CAPTURE_MARK = "Recording function="  # CUDA graph trees' cudagraphs log, one per graph recorded
+TORCH_LOGS = "recompiles"
+# Dynamo's recompiles log, one line per recompile. A recompile the backend refuses after warm-up
+# (the shape then runs eagerly) logs nothing: the eager-shapes gauge counts those.
+RECOMPILE_MARK = "Recompiling function"
+# The torch backend's /metrics gauges: its own CUDA graphs (Inductor's graph trees stay off, so
+# TORCH_LOGS=cudagraphs would say nothing) and the batch shapes it runs eagerly.
+TORCH_GAUGES = {
+    "cuda_graphs": "vggserve_torch_cuda_graphs",
+    "cuda_graph_bytes": "vggserve_torch_cuda_graph_memory_bytes",
+    "eager_shapes": "vggserve_torch_eager_shapes",
+}
 # The fp32 reference's top-1 posterior the classifier is scaled to: a trained VGG's typical
 # confidence, between near-uniform (random weights) and one-hot (where nothing can disagree).
 TARGET_TOP1_POSTERIOR = 0.6
@@ -375,21 +386,21 @@ def check_compile(device: str) -> list[str]:
     return []
 
 
-# --- compile events: recompiles and CUDA graphs ------------------------------------------------
+# --- compile events: recompiles, eager shapes, CUDA graphs -------------------------------------
 
 
 def count_compile_events(text: str) -> dict[str, int]:
-    """Recompiles and CUDA graph recordings in ``TORCH_LOGS=recompiles,cudagraphs`` output."""
-    return {"recompiles": text.count(RECOMPILE_MARK), "cuda_graphs": text.count(CAPTURE_MARK)}
+    """Recompiles in ``TORCH_LOGS=recompiles`` output."""
+    return {"recompiles": text.count(RECOMPILE_MARK)}
 
 
 class CompileEvents(logging.Handler):
-    """Counts this process's recompiles and CUDA graph recordings, as :func:`count_compile_events`
-    counts them in a server's log."""
+    """Counts this process's recompiles, as :func:`count_compile_events` counts them in a
+    server's log."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
-        self.counts = {"recompiles": 0, "cuda_graphs": 0}
+        self.counts = {"recompiles": 0}
 
     def emit(self, record: logging.LogRecord) -> None:
         for name, value in count_compile_events(record.getMessage()).items():
@@ -405,14 +416,13 @@ class CompileEvents(logging.Handler):
 
     @classmethod
     def install(cls) -> CompileEvents:
-        """Turn on torch's recompiles and cudagraphs logs and count what they say."""
+        """Turn on torch's recompiles log and count what it says."""
         import torch
 
-        torch._logging.set_logs(recompiles=True, cudagraphs=True)
+        torch._logging.set_logs(recompiles=True)
         handler = cls()
-        # torch's logging stops propagation at these two: the artifacts are their children.
-        for name in ("torch._dynamo", "torch._inductor"):
-            logging.getLogger(name).addHandler(handler)
+        # torch's logging stops propagation here: the recompiles artifact is its child.
+        logging.getLogger("torch._dynamo").addHandler(handler)
         return handler
 
 
@@ -441,8 +451,8 @@ def kill_servers() -> None:
 @contextlib.contextmanager
 def server_process(profile: Profile, args: list[str], log_dir: Path, budget: Budget):
     """``python -m server ARGS`` on a free loopback port, counted as started once its backend is
-    ready (``/readyz``), with torch's recompiles and cudagraphs logs on; its log goes to
-    ``log_dir``. Yields the server and the compile events it logged before it was ready."""
+    ready (``/readyz``), with torch's recompiles log on; its log goes to ``log_dir``. Yields the
+    server and its :func:`serving_counts` when it answered ready."""
     start_timeout = max(1.0, min(profile.server_start_s, budget.left()))
     server = ServerProcess(
         *args,
@@ -454,16 +464,54 @@ def server_process(profile: Profile, args: list[str], log_dir: Path, budget: Bud
     RUNNING_SERVERS.add(server)
     try:
         server.start()
-        yield server, count_compile_events(server.log())
+        yield server, serving_counts(server)
     finally:
         server.stop(stop_timeout=10)
         RUNNING_SERVERS.discard(server)
 
 
+def torch_gauges(port: int) -> dict[str, int]:
+    """The torch backend's gauges (:data:`TORCH_GAUGES`) from the server's /metrics."""
+    status, body = get(port, "/metrics")
+    if status != 200:
+        raise RuntimeError(f"GET /metrics answered HTTP {status}: {body[:300]!r}")
+    values = {}
+    for line in body.decode().splitlines():
+        name, _, value = line.partition(" ")
+        values[name] = value
+    missing = [metric for metric in TORCH_GAUGES.values() if metric not in values]
+    if missing:
+        raise RuntimeError(f"/metrics lacks {', '.join(missing)}: a server without them")
+    return {key: int(float(values[metric])) for key, metric in TORCH_GAUGES.items()}
+
+
+def served_summary(events: dict[str, int]) -> str:
+    """:func:`request_path_events` in words, for the progress log."""
+    return (
+        f"{events['recompiles']} recompiles after ready, {events['eager_shapes']} shapes run "
+        f"eagerly ({events['eager_shapes_after_ready']} after ready), {events['cuda_graphs']} "
+        f"CUDA graphs ({events['cuda_graphs_after_ready']} after ready)"
+    )
+
+
+def serving_counts(server: ServerProcess) -> dict[str, int]:
+    """The recompiles the server logged so far and its torch backend's gauges, now."""
+    return {**count_compile_events(server.log()), **torch_gauges(server.port)}
+
+
 def request_path_events(server: ServerProcess, at_ready: dict[str, int]) -> dict[str, int]:
-    """Recompiles and CUDA graphs the server logged since it answered ready."""
-    now = count_compile_events(server.log())
-    return {name: now[name] - at_ready[name] for name in now}
+    """What slowed the request path: the recompiles since the server answered ready, the batch
+    shapes it runs eagerly (all, those since ready apart), and its CUDA graphs: the count at the
+    end and those captured since ready (none: the backend captures at warm-up only)."""
+    now = serving_counts(server)
+    return {
+        "recompiles": now["recompiles"] - at_ready["recompiles"],
+        "eager_shapes": now["eager_shapes"],
+        "eager_shapes_after_ready": now["eager_shapes"] - at_ready["eager_shapes"],
+        "cuda_graphs": now["cuda_graphs"],
+        "cuda_graphs_after_ready": now["cuda_graphs"] - at_ready["cuda_graphs"],
+        "cuda_graph_bytes": now["cuda_graph_bytes"],
+    }
 
 
 # --- the work: FLOPs, peak, exported models ----------------------------------------------------
@@ -814,6 +862,19 @@ def probs_runner(backend, model: str):
     return lambda views: backend.run(model, views)["probs"]
 
 
+def http_max_batch(profile: Profile) -> int:
+    """``--max-batch`` of the HTTP step's server: the views of the largest pipeline batch."""
+    return 2 * max(profile.batches)
+
+
+def backend_batch_sizes(profile: Profile) -> tuple[int, ...]:
+    """The batch sizes the HTTP step's server pads its runs to (compiled, micro-batching on, as
+    on a GPU): the pipeline's backends are built with the same."""
+    from inference.batching import padded_batch_sizes
+
+    return padded_batch_sizes(http_max_batch(profile))
+
+
 def pipeline_row(profile, model, method, batch, timing, flops_per_image, peak) -> dict:
     import numpy as np
 
@@ -860,7 +921,8 @@ def bench_model(profile, arch, repo, workdir, device, peak, results, modes, even
                 baseline.run, batches[batch], profile.iterations[batch], 3, device
             )
             row = pipeline_row(profile, arch, method, batch, timing, flops, peak)
-            row.update(recompiles=None, cuda_graphs=None)  # eager: nothing is compiled
+            # Eager: nothing is compiled or captured.
+            row.update(warmup_s=None, recompiles=None, eager_shapes=None, cuda_graphs=None)
             results.data["pipeline"].append(row)
             log(f"{arch} eager batch {batch}: {row['images_per_s']:.1f} images/s")
             results.save()
@@ -877,15 +939,38 @@ def bench_model(profile, arch, repo, workdir, device, peak, results, modes, even
         modules = load_modules(entries)
         if options.perturb_engine:
             perturb_last_layer(modules[arch], options.perturb_engine)
-        backend = TorchBackend(modules, device=str(device), dtype=profile.dtype, compile=mode)
+        # Built as the HTTP step's server builds it (the constructor drops the padded sizes
+        # when nothing is compiled).
+        backend = TorchBackend(
+            modules,
+            device=str(device),
+            dtype=profile.dtype,
+            compile=mode,
+            batch_sizes=backend_batch_sizes(profile),
+        )
         method = f"torch backend {profile.dtype}, compile {mode}"
         run = probs_runner(backend, arch)
         for batch in profile.batches:
+            # The server's warm-up for the shapes this batch runs (its views at each Q, padded):
+            # compiled, and on CUDA captured as graphs, so the timed passes compile nothing.
+            shapes = [(backend.padded_size(2 * batch), 3, h, w) for h, w in view_shapes(profile)]
             before = events.snapshot()
-            warmup = 3  # the 2nd pass records CUDA graphs, the 3rd replays them
-            timing = time_pipeline(run, batches[batch], profile.iterations[batch], warmup, device)
+            graphs_before = backend.stats.cuda_graphs
+            eager_before = backend.stats.eager_shapes
+            warmup_s = asyncio.run(backend.warmup({arch: shapes}))
+            warmup_recompiles = events.since(before)["recompiles"]
+            before = events.snapshot()
+            # The first pass apart (reported: warm-up left nothing for it to do), one untimed.
+            timing = time_pipeline(run, batches[batch], profile.iterations[batch], 2, device)
             row = pipeline_row(profile, arch, method, batch, timing, flops, peak)
-            row.update(events.since(before))
+            row.update(
+                warmup_s=warmup_s,
+                warmup_recompiles=warmup_recompiles,
+                **events.since(before),
+                eager_shapes=backend.stats.eager_shapes - eager_before,
+                cuda_graphs=backend.stats.cuda_graphs - graphs_before,
+                cuda_graph_bytes=backend.stats.cuda_graph_bytes,
+            )
             eager_row = next(
                 (
                     r
@@ -898,12 +983,13 @@ def bench_model(profile, arch, repo, workdir, device, peak, results, modes, even
                 row["speedup_vs_eager"] = row["images_per_s"] / eager_row["images_per_s"]
             results.data["pipeline"].append(row)
             log(
-                f"{arch} {method} batch {batch}: {row['images_per_s']:.1f} images/s, first pass "
-                f"{row['first_pass_s']:.1f} s, {row['recompiles']} recompiles, "
-                f"{row['cuda_graphs']} CUDA graphs"
+                f"{arch} {method} batch {batch}: {row['images_per_s']:.1f} images/s, warm-up "
+                f"{warmup_s:.1f} s ({row['cuda_graphs']} CUDA graphs), first pass "
+                f"{row['first_pass_s']:.2f} s; timed: {row['recompiles']} recompiles, "
+                f"{row['eager_shapes']} eager shapes"
             )
             results.save()
-        # The largest batch's shapes ran above: this pass compiles and records nothing new.
+        # The largest batch's shapes were warmed up above: this pass compiles nothing.
         engine = [
             backend.run(arch, views, ("probs", "scores")) for views in batches[accuracy_batch]
         ]
@@ -1021,20 +1107,26 @@ def bench_http(profile, repo, arch, out, results, budget) -> None:
     mode = profile.compile_modes[0]
     images = [jpeg(*profile.source, seed=i) for i in range(8)]
     scales = ",".join(map(str, profile.scales))
-    # Micro-batches as large as the backend's largest-batch runs, where the server has them.
-    extra = ["--max-batch", str(2 * max(profile.batches))] if server_has_flag("--max-batch") else []
+    # Micro-batches as large as the backend's largest-batch runs, where the server has them;
+    # the delay is the GPU's default, given so that the dry run batches (and warms up the
+    # micro-batch sizes) as a GPU server does.
+    extra = (
+        ["--max-batch", str(http_max_batch(profile)), "--batch-delay-ms", "2"]
+        if server_has_flag("--max-batch")
+        else []
+    )
     with server_process(
         profile, server_args(profile, repo, arch, mode, extra), out / f"http-{arch}", budget
     ) as (running, at_ready):
         client = Client(running.port, f"scales={scales}&flip=true")
-        for data in images[:3]:  # the warm-up covered the shapes; this warms the connections
+        # The server's warm-up compiled and captured every batch size its micro-batches can
+        # make at the images' size (--torch-warmup): these open the one-client connection, and
+        # no untimed pass precedes the timed one.
+        for data in images[:3]:
             client.classify(data)
         latencies = [client.classify(images[i % len(images)])[0] for i in range(10)]
         load = [images[i % len(images)] for i in range(profile.http_requests)]
         with ThreadPoolExecutor(profile.http_clients) as pool:
-            # One untimed pass: micro-batches of new sizes compile nothing (dynamic shapes) but
-            # record their CUDA graphs on first use.
-            list(pool.map(client.classify, load))
             start = time.perf_counter()
             list(pool.map(client.classify, load))
             seconds = time.perf_counter() - start
@@ -1065,8 +1157,7 @@ def bench_http(profile, repo, arch, out, results, budget) -> None:
     results.data["http"].append(row)
     log(
         f"{arch} HTTP: {row['images_per_s']:.1f} images/s, one client p50 "
-        f"{row['latency_ms_p50_one_client']:.1f} ms; on the request path "
-        f"{request_path['recompiles']} recompiles, {request_path['cuda_graphs']} CUDA graphs"
+        f"{row['latency_ms_p50_one_client']:.1f} ms; {served_summary(request_path)}"
     )
     results.save()
 
@@ -1140,9 +1231,8 @@ def bench_stream(profile, repo, arch, out, results, budget, multiple: int | None
     results.data["stream"].append(row)
     log(
         f"{arch} stream ({label}): first {row['first_ms_mean']:.1f} ms mean, steady "
-        f"{row['steady_ms_p50'] or float('nan'):.1f} ms p50, {row['distinct_shapes']} shapes; on "
-        f"the request path {request_path['recompiles']} recompiles, "
-        f"{request_path['cuda_graphs']} CUDA graphs"
+        f"{row['steady_ms_p50'] or float('nan'):.1f} ms p50, {row['distinct_shapes']} shapes; "
+        f"{served_summary(request_path)}"
     )
     results.save()
     return {"row": row, "posteriors": np.array(posteriors)}
@@ -1156,10 +1246,14 @@ def fmt(value, spec: str = ".1f") -> str:
 
 
 def events_cells(events: dict | None) -> str:
-    """The recompiles and CUDA graphs cells of a table row (dashes where nothing compiles)."""
+    """The recompiles, eager shapes and CUDA graphs cells of a table row (dashes where nothing
+    compiles); graphs captured after a server was ready (none by design) are shown apart."""
     if events is None:
-        return "– | –"
-    return f"{events['recompiles']} | {events['cuda_graphs']}"
+        return "– | – | –"
+    graphs = str(events["cuda_graphs"])
+    if events.get("cuda_graphs_after_ready"):
+        graphs += f" ({events['cuda_graphs_after_ready']} after ready)"
+    return f"{events['recompiles']} | {events['eager_shapes']} | {graphs}"
 
 
 def verdict_cell(verdict: str) -> str:
@@ -1193,8 +1287,9 @@ def markdown(data: dict) -> str:
         lines += [
             "",
             "| model | method | batch | images/s | TFLOP/s | % of peak | vs eager | pass ms p50 "
-            "| first pass s | recompiles | CUDA graphs |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| warm-up s | first pass s | recompiles | eager shapes | CUDA graphs |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+            "| ---: |",
         ]
         for r in data["pipeline"]:
             share = None if r["fraction_of_peak"] is None else 100 * r["fraction_of_peak"]
@@ -1202,7 +1297,8 @@ def markdown(data: dict) -> str:
             lines.append(
                 f"| {r['model']} | {r['method']} | {r['batch']} | {r['images_per_s']:.1f} | "
                 f"{r['tflops']:.2f} | {fmt(share)} | {fmt(r.get('speedup_vs_eager'), '.2f')} | "
-                f"{r['pass_ms_p50']:.1f} | {r['first_pass_s']:.1f} | {events_cells(events)} |"
+                f"{r['pass_ms_p50']:.1f} | {fmt(r.get('warmup_s'))} | {r['first_pass_s']:.2f} | "
+                f"{events_cells(events)} |"
             )
     if data["accuracy"]:
         lines += [
@@ -1225,8 +1321,8 @@ def markdown(data: dict) -> str:
         lines += [
             "",
             "| model | path | clients | images/s | TFLOP/s | vs backend (best batch) "
-            "| one-client p50 ms | start s | recompiles after ready | CUDA graphs after ready |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| one-client p50 ms | start s | recompiles after ready | eager shapes | CUDA graphs |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in data["http"]:
             lines.append(
@@ -1240,8 +1336,8 @@ def markdown(data: dict) -> str:
             "",
             "| model | rescaling | requests | input shapes | first-request ms (mean / max) "
             "| 2nd ms | steady p50 ms | max abs Δp vs exact | recompiles after ready "
-            "| CUDA graphs after ready |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| eager shapes | CUDA graphs |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in data["stream"]:
             lines.append(

@@ -117,6 +117,12 @@ BAD_SETTINGS = [
 def test_bad_settings_give_the_flags_message_before_anything_is_read(
     settings, flags, message, tmp_path, capsys
 ):
+    assert_refused_before_reading(settings, flags, message, tmp_path, capsys)
+
+
+def assert_refused_before_reading(settings, flags, message, tmp_path, capsys) -> None:
+    """The library and the command refuse with ``message`` before the weights are opened or
+    anything is written."""
     missing = tmp_path / "not-read.pth"  # a checked setting fails before the weights are opened
     with pytest.raises(ExportError) as info:
         export_model(missing, arch="vgg16", repository=tmp_path / "repo", **settings)

@@ -22,6 +22,7 @@ from export.repository import (
 )
 from inference import read_repository
 from testkit.models import SMALL
+from tests.test_exporter import assert_refused_before_reading
 from tritonlocal import twin_config
 
 IMAGENET = ModelInfo("vgg16", 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224, "vgg16")
@@ -208,15 +209,7 @@ BAD_GPU_SETTINGS = [
 def test_bad_gpu_settings_give_the_flags_message_before_anything_is_read(
     settings, flags, message, tmp_path, capsys
 ):
-    missing = tmp_path / "not-read.pth"
-    with pytest.raises(ExportError) as info:
-        export_model(missing, arch="vgg16", repository=tmp_path / "repo", **settings)
-    assert str(info.value).startswith(message)
-    with pytest.raises(SystemExit) as exit_info:
-        to_onnx.main(["--arch", "vgg16", "--weights", str(missing), *flags])
-    assert exit_info.value.code == 2
-    assert f"error: {message}" in capsys.readouterr().err
-    assert not (tmp_path / "repo").exists()
+    assert_refused_before_reading(settings, flags, message, tmp_path, capsys)
 
 
 def test_unknown_target_is_refused_by_the_library_too(tmp_path):

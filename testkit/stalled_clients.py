@@ -84,13 +84,21 @@ def open_stalls(port: int, plan: Sequence[str], timeout: float = 120) -> list[St
     :func:`stall_bytes` and then nothing; ``timeout`` bounds each socket's blocking calls."""
     stalls = []
     for kind in plan:
+        data = stall_bytes(kind, port)
+        # The time is taken before the last byte leaves (before connecting, for a socket that
+        # sends none), so the server cannot have read it earlier: a silence measured from it
+        # is never shorter than the server's.
+        last_byte_at = time.monotonic()
         sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         failed = False
         try:
-            sock.sendall(stall_bytes(kind, port))
+            if data:
+                sock.sendall(data[:-1])
+                last_byte_at = time.monotonic()
+                sock.sendall(data[-1:])
         except OSError:  # refused and closed before all was sent: its answer is still read
             failed = True
-        stalls.append(Stall(kind, sock, time.monotonic(), failed))
+        stalls.append(Stall(kind, sock, last_byte_at, failed))
     return stalls
 
 

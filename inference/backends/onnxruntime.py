@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from inference.cores import available_cores
@@ -99,6 +98,8 @@ def register_cpu_arena(size_bytes: int) -> int:
 def first_conv_width(path: Path) -> int:
     """Output channels of the graph's first convolution, the widest activations per pixel (3,
     the image's channels, for a graph without one)."""
+    import onnx  # here, not at the top: only sizing the arena reads a graph
+
     model = onnx.load(str(path), load_external_data=False)
     shapes = {tensor.name: tensor.dims for tensor in model.graph.initializer}
     for node in model.graph.node:

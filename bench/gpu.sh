@@ -64,7 +64,7 @@ VERSION=$(python_version "$PYTHON")
 WHEELS=${VGGSERVE_WHEELS:-bench/wheels/cp${VERSION/./}}
 GPU_VENV=bench/results/venv-cp${VERSION/./}
 if [ -z "$CHOSEN_PYTHON" ] && [ -x "$GPU_VENV/bin/python" ]; then
-    PYTHON=$GPU_VENV/bin/python  # installed by an earlier run on this machine
+    PYTHON=$GPU_VENV/bin/python  # the venv the offline wheels were installed into
 fi
 if [ "${1:-}" = "--check-deps" ]; then
     exec "$PYTHON" -m bench.gpu "$@"

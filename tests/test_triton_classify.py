@@ -278,9 +278,9 @@ def test_documented_client_runs_against_make_triton(two_model_repository, http_a
         assert abs(float(line.rsplit(" ", 1)[1]) - prediction["probability"]) <= 5e-5  # :.4f
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_documented_curl_gets_the_same_top5(triton_server, triton, tmp_path):
     """The curl snippet of docs/triton.md (KServe v2 HTTP, binary data) as a user runs it."""
+    assert shutil.which("curl"), "curl is needed: apt-get install curl (.ci/run installs it)"
     photo = jpeg(320, 240, seed=9)
     (tmp_path / "photo.jpg").write_bytes(photo)
     snippet = documented("classify-curl")

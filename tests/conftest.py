@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from inference import read_repository
 from testkit.logs import recorded_logs
 from testkit.models import peaked_small_model, write_small_repository
 from testkit.processes import start_triton
@@ -35,6 +36,20 @@ def two_model_repository(tmp_path_factory):
     # Served at the paper's scales by default: the tests check the protocol there.
     models = write_small_repository(repository, scales=(256, 384, 512), weights_dir=root)
     return repository, models
+
+
+@pytest.fixture(scope="session")
+def entries(two_model_repository):
+    """The two-model repository's entries, as the server reads them."""
+    repo, _ = two_model_repository
+    return read_repository(repo)
+
+
+@pytest.fixture(scope="session")
+def torch_models(two_model_repository):
+    """The two-model repository's training-form torch models by name."""
+    _, models = two_model_repository
+    return models
 
 
 @pytest.fixture(scope="module")

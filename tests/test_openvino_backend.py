@@ -20,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from export.quantize import quantize_int8
-from inference import decode_image, read_repository
+from inference import decode_image
 from inference.backends.openvino import (
     PRECISIONS,
     GraphNotLoadable,
@@ -85,18 +85,6 @@ def assert_close(got: dict, probs, scores, module, precision: str = "fp32") -> N
     bound = posterior_bound(module, float(np.abs(scores).max()), precision)
     np.testing.assert_allclose(got["probs"], probs, rtol=0, atol=bound)
     assert relative_error(got["scores"], scores) < score_bound(module, precision)
-
-
-@pytest.fixture(scope="module")
-def entries(two_model_repository):
-    repo, _ = two_model_repository
-    return read_repository(repo)
-
-
-@pytest.fixture(scope="module")
-def torch_models(two_model_repository):
-    _, models = two_model_repository
-    return models
 
 
 @pytest.fixture(scope="module")

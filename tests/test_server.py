@@ -32,12 +32,6 @@ def client(two_model_repository):
         yield client
 
 
-@pytest.fixture(scope="module")
-def torch_models(two_model_repository):
-    _, models = two_model_repository
-    return models
-
-
 def classify(client: TestClient, data: bytes, name: str = "image.jpg", **params):
     return client.post("/v1/classify", params=params, files={"file": (name, data, "image/jpeg")})
 

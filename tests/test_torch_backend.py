@@ -85,18 +85,6 @@ def run(backend: TorchBackend, model: str, batch: np.ndarray, outputs=("probs", 
 
 
 @pytest.fixture(scope="module")
-def entries(two_model_repository):
-    repo, _ = two_model_repository
-    return read_repository(repo)
-
-
-@pytest.fixture(scope="module")
-def torch_models(two_model_repository):
-    _, models = two_model_repository
-    return models
-
-
-@pytest.fixture(scope="module")
 def eager(entries):
     backend = TorchBackend.from_models(entries, device="cpu", dtype="fp32", compile="off")
     yield backend

@@ -265,7 +265,7 @@ class OnnxRuntimeBackend:
         self.threads: dict[str, int] = {}
         self.arena_bytes = 0
         self.run_options: dict[str, ort.RunOptions | None] = {}
-        on_cpu = [entry for entry in models.values() if self._for(entry)[0] == CPU_PROVIDER]
+        on_cpu = any(self._for(entry)[0] == CPU_PROVIDER for entry in models.values())
         if on_cpu and arena_bytes != 0:
             wanted = arena_bytes if arena_bytes is not None else arena_budget(models)
             self.arena_bytes = register_cpu_arena(wanted)
